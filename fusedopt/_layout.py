@@ -1,0 +1,32 @@
+"""Column layout of the metadata tables every backend reads (one place, so the kernels agree).
+
+Per tensor, int64 ``[T, TMETA_WIDTH]``: addresses of the parameter, its three state slots and its
+step, its element count and its param-group index. Grads live in their own int64 ``[T]`` table,
+since their storage changes more often than the rest.
+
+Per group, float64 ``[G, HYPER_WIDTH]``: the lr (float mode), the lr mode, the Noam constants, then
+the optimizer's own hyperparameters. Int64 ``[G, GPTR_WIDTH]``: the address of a tensor lr and of
+the Noam counter (0 where unused).
+"""
+
+# how a group's lr is obtained
+LR_FLOAT, LR_TENSOR, LR_NOAM = 0, 1, 2
+
+# per tensor
+T_PARAM, T_S0, T_S1, T_S2, T_STEP, T_NUMEL, T_GROUP = range(7)
+TMETA_WIDTH = 8
+
+# per group, pointers
+G_LR_PTR, G_COUNTER_PTR = range(2)
+GPTR_WIDTH = 2
+
+# per group, values
+H_LR, H_MODE, H_NOAM_SCALE, H_NOAM_WARMUP = range(4)
+HYPER_WIDTH = 12
+ADAM_COLS = {"beta1": 4, "beta2": 5, "eps": 6, "weight_decay": 7, "amsgrad": 8, "maximize": 9,
+             "decoupled": 10}
+RMSPROP_COLS = {"alpha": 4, "eps": 5, "weight_decay": 6, "momentum": 7, "centered": 8,
+                "maximize": 9}
+
+# per tensor scalars the step prologue writes and the main pass reads (float32 [T, SCAL_WIDTH])
+SCAL_WIDTH = 12

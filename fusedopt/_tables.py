@@ -1,0 +1,109 @@
+"""Device metadata tables for the fused kernels, built once and reused while nothing changes.
+
+A step's kernels read three kinds of table (columns in ``_layout``): per-tensor addresses and sizes,
+per-tensor grad addresses, per-group hyperparameters; plus a chunk list per (dtype) bucket. Each part
+is rebuilt only when its inputs change: the tensor table when the set of parameters taking part (or
+a state tensor) changes, the grad table when a grad's storage changes, the group table when a
+hyperparameter changes. Uploads go through pinned memory with ``non_blocking=True``: no host sync.
+"""
+
+import torch
+
+from . import _layout as L
+
+
+def _upload(host, device):
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
+def _addr(t):
+    return 0 if t is None else t.data_ptr()
+
+
+class DeviceTables:
+    """The tables of one optimizer on one device, for one backend."""
+
+    def __init__(self, device, columns, chunk):
+        self.device = device
+        self.columns = columns  # optimizer hyperparameter name -> column in the group table
+        self.chunk = chunk  # elements per chunk (one kernel program)
+        self._tkey = self._gkey = self._hkey = None
+        self.tmeta = self.grads = self.chunks = self.scal = None
+        self.hyper = self.gptr = self.glr = None
+        self.bucket_chunks = []  # (dtype, chunk table view) per bucket with at least one chunk
+        self.n_tensors = 0
+
+    def update(self, work):
+        slots = work.slots
+        tkey = tuple((s.param.data_ptr(), *map(_addr, s.states), s.step.data_ptr(),
+                      s.param.numel(), s.group, s.param.dtype) for s in slots)
+        if tkey != self._tkey:
+            self._build_tensor_tables(work)
+            self._tkey = tkey
+        gkey = tuple(s.grad.data_ptr() for s in slots)
+        if gkey != self._gkey:
+            host = torch.tensor(gkey, dtype=torch.int64) if gkey else torch.zeros(0, dtype=torch.int64)
+            self.grads = _upload(host, self.device)
+            self._gkey = gkey
+        hkey = tuple(self._group_row(glr, hyper) for glr, hyper in zip(work.lrs, work.hyper))
+        if hkey != self._hkey:
+            n = len(hkey)
+            self.hyper = _upload(torch.tensor([r[0] for r in hkey], dtype=torch.float64)
+                                 .reshape(n, L.HYPER_WIDTH), self.device)
+            self.gptr = _upload(torch.tensor([r[1] for r in hkey], dtype=torch.int64)
+                                .reshape(n, L.GPTR_WIDTH), self.device)
+            self.glr = torch.zeros(n, dtype=torch.float64, device=self.device)
+            self._hkey = hkey
+        return self
+
+    def _group_row(self, glr, hyper):
+        row = [0.0] * L.HYPER_WIDTH
+        row[L.H_MODE] = float(glr.mode)
+        row[L.H_LR] = glr.value
+        ptrs = [0] * L.GPTR_WIDTH
+        if glr.mode == L.LR_TENSOR:
+            ptrs[L.G_LR_PTR] = glr.tensor.data_ptr()
+        elif glr.mode == L.LR_NOAM:
+            row[L.H_NOAM_SCALE] = glr.noam.scale
+            row[L.H_NOAM_WARMUP] = glr.noam.warmup_coeff
+            ptrs[L.G_COUNTER_PTR] = glr.counter.data_ptr()
+        for name, value in hyper.items():
+            row[self.columns[name]] = float(value)
+        return tuple(row), tuple(ptrs)
+
+    def _build_tensor_tables(self, work):
+        slots = work.slots
+        n = len(slots)
+        rows = []
+        for s in slots:
+            row = [0] * L.TMETA_WIDTH
+            row[L.T_PARAM] = s.param.data_ptr()
+            for col, t in zip((L.T_S0, L.T_S1, L.T_S2), s.states):
+                row[col] = _addr(t)
+            row[L.T_STEP] = s.step.data_ptr()
+            row[L.T_NUMEL] = s.param.numel()
+            row[L.T_GROUP] = s.group
+            rows.append(row)
+        meta = torch.tensor(rows, dtype=torch.int64).reshape(n, L.TMETA_WIDTH)
+        self.tmeta = _upload(meta, self.device)
+        self.scal = torch.empty(n, L.SCAL_WIDTH, dtype=torch.float32, device=self.device)
+        self.n_tensors = n
+        # Chunk list: (tensor index, first element) for every chunk of every tensor, bucket by
+        # bucket; one kernel program per chunk. Built with tensor ops: a billion-element model
+        # has hundreds of thousands of chunks.
+        numel = meta[:, L.T_NUMEL]
+        counts = (numel + self.chunk - 1) // self.chunk
+        owner = torch.repeat_interleave(torch.arange(n, dtype=torch.int64), counts)
+        first = torch.cumsum(counts, 0) - counts
+        starts = (torch.arange(owner.numel(), dtype=torch.int64) - first[owner]) * self.chunk
+        chunks = torch.stack([owner, starts], dim=1).contiguous()
+        self.chunks = _upload(chunks, self.device)
+        self.bucket_chunks = []
+        ends = torch.cumsum(counts, 0).tolist()
+        for dtype, t0, t1 in work.buckets:
+            c0 = ends[t0 - 1] if t0 > 0 else 0
+            c1 = ends[t1 - 1] if t1 > 0 else 0
+            if c1 > c0:
+                self.bucket_chunks.append((dtype, self.chunks[c0:c1]))

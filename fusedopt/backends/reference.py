@@ -1,0 +1,107 @@
+"""The "torch" backend: the same math as the fused kernels, written with plain torch ops.
+
+It runs anywhere torch runs and is the readable reference for the kernels: float32 math whatever the
+parameter dtype (one rounding when the result is stored), torch.optim's order of operations, bias
+correction and Noam rates computed in float64 from the on-device step, and no host sync (every
+scalar that depends on the step stays a device tensor). It is not fused: several passes per tensor.
+"""
+
+import torch
+
+from .._layout import LR_FLOAT, LR_NOAM, LR_TENSOR
+
+
+def _group_lrs(work):
+    """Each group's lr for this step: a float, or a float64 0-d tensor on the device."""
+    lrs = []
+    for glr in work.lrs:
+        if glr.mode == LR_NOAM:
+            glr.counter.add_(1.0)
+            lrs.append(glr.noam.rate(glr.counter))
+        elif glr.mode == LR_TENSOR:
+            lrs.append(glr.tensor.to(torch.float64))
+        else:
+            lrs.append(glr.value)
+    return lrs
+
+
+def _f32(x):
+    """A float32 0-d device tensor from a float64 one; floats stay Python floats."""
+    return x.to(torch.float32) if isinstance(x, torch.Tensor) else x
+
+
+def _upcast(t):
+    return None if t is None else t.float()
+
+
+def _store(dst, value):
+    if dst is not None and value is not dst:
+        dst.copy_(value)
+
+
+def _adam(slot, h, lr):
+    p, m, v, vmax = (_upcast(t) for t in (slot.param, *slot.states))
+    g = slot.grad.float()
+    t = slot.step.to(torch.float64)
+    beta1, beta2, wd = h["beta1"], h["beta2"], h["weight_decay"]
+    step_size = _f32(lr / (1.0 - beta1 ** t))
+    bc2_sqrt = _f32((1.0 - beta2 ** t).sqrt())
+    if h["maximize"]:
+        g = -g
+    if wd != 0:
+        if h["decoupled"]:
+            p.mul_(_f32(1.0 - lr * wd))
+        else:
+            g = g.add(p, alpha=wd)
+    m.lerp_(g, 1.0 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+    v_used = v
+    if h["amsgrad"]:
+        torch.maximum(vmax, v, out=vmax)
+        v_used = vmax
+    denom = (v_used.sqrt() / bc2_sqrt).add_(h["eps"])
+    p.sub_(m / denom * step_size)
+    for dst, value in zip((slot.param, *slot.states), (p, m, v, vmax)):
+        _store(dst, value)
+
+
+def _rmsprop(slot, h, lr):
+    p, sq, buf, ga = (_upcast(t) for t in (slot.param, *slot.states))
+    g = slot.grad.float()
+    alpha, wd, momentum = h["alpha"], h["weight_decay"], h["momentum"]
+    if h["maximize"]:
+        g = -g
+    if wd != 0:
+        g = g.add(p, alpha=wd)
+    sq.mul_(alpha).addcmul_(g, g, value=1.0 - alpha)
+    if h["centered"]:
+        ga.lerp_(g, 1.0 - alpha)
+        avg = sq.addcmul(ga, ga, value=-1).sqrt_()
+    else:
+        avg = sq.sqrt()
+    avg = avg.add_(h["eps"])
+    step = g / avg
+    if momentum > 0:
+        buf.mul_(momentum).add_(step)
+        step = buf
+    p.sub_(step * _f32(lr))
+    for dst, value in zip((slot.param, *slot.states), (p, sq, buf, ga)):
+        _store(dst, value)
+
+
+class TorchBackend:
+    name = "torch"
+
+    def unavailable(self, device):
+        return None
+
+    def run(self, opt, work):
+        lrs = _group_lrs(work)
+        steps = [s.step for s in work.slots]
+        if steps:
+            torch._foreach_add_(steps, 1.0)
+        update = _adam if opt._op == "adam" else _rmsprop
+        for slot in work.slots:
+            update(slot, work.hyper[slot.group], lrs[slot.group])
+        opt._set_last_lr(work, [lr if glr.mode != LR_FLOAT else None
+                                for lr, glr in zip(lrs, work.lrs)])

@@ -1,0 +1,64 @@
+"""The Triton backend: ``fusedopt.kernels``, one prologue plus one launch per dtype bucket."""
+
+import importlib
+
+from .. import _layout as L
+from .._tables import DeviceTables
+
+
+def _import_error():
+    try:
+        importlib.import_module("triton")
+    except Exception as e:  # noqa: BLE001 - any failure to import means "not available"
+        return f"triton is not importable ({type(e).__name__}: {e})"
+    return None
+
+
+class TritonBackend:
+    name = "triton"
+
+    def __init__(self):
+        self._kernels = None
+
+    def _load(self):
+        if self._kernels is None:
+            from ..kernels import adam, multi_tensor, rmsprop
+            self._kernels = (adam, rmsprop, multi_tensor)
+        return self._kernels
+
+    def unavailable(self, device):
+        err = _import_error()
+        if err:
+            return err
+        interpreted = self._load()[2].INTERPRETED
+        if device.type == "cuda":
+            if interpreted:
+                return "TRITON_INTERPRET=1 is set: Triton would run its CPU interpreter"
+            return None
+        if device.type == "cpu":
+            if interpreted:
+                return None
+            return ("Triton runs on CPU tensors only through its interpreter: set "
+                    "TRITON_INTERPRET=1 before triton is imported")
+        return f"no Triton support for {device.type} tensors in fusedopt"
+
+    def _tables(self, opt, work, columns):
+        chunk = self._load()[2].CHUNK
+        key = (self.name, work.device)
+        tables = opt._tables.get(key)
+        if tables is None:
+            tables = opt._tables[key] = DeviceTables(work.device, columns, chunk)
+        return tables.update(work)
+
+    def run(self, opt, work):
+        adam, rmsprop, _ = self._load()
+        if opt._op == "adam":
+            tables = self._tables(opt, work, L.ADAM_COLS)
+            adam.adam_step(tables, has_amsgrad=any(s.states[2] is not None for s in work.slots))
+        else:
+            tables = self._tables(opt, work, L.RMSPROP_COLS)
+            rmsprop.rmsprop_step(
+                tables,
+                has_centered=any(s.states[2] is not None for s in work.slots),
+                has_momentum=any(s.states[1] is not None for s in work.slots))
+        opt._set_last_lr(work, tables.glr)

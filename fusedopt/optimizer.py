@@ -1,0 +1,335 @@
+"""The shared base of fusedopt's optimizers: validation, state, grouping, checkpoints.
+
+No math lives here. ``step()`` validates every parameter with a grad (nothing is modified before all
+checks pass), creates missing state, groups the work by device, and hands each device's work to one
+backend, which runs one fused pass per (device, dtype) bucket.
+"""
+
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from . import backends
+from ._layout import LR_FLOAT, LR_NOAM, LR_TENSOR
+from .schedule import Noam
+
+__all__ = ["FusedOptimizer"]
+
+_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass
+class Slot:
+    """One parameter that takes part in this step."""
+
+    group: int
+    param: torch.Tensor
+    grad: torch.Tensor
+    step: torch.Tensor
+    states: tuple  # three tensors (or None where the group's options do not use that slot)
+
+
+@dataclass
+class GroupLR:
+    """How a group's lr is obtained this step, on one device."""
+
+    mode: int
+    value: float = 0.0  # LR_FLOAT
+    tensor: torch.Tensor = None  # LR_TENSOR: the user's 0-d tensor, read on the device each step
+    noam: Noam = None  # LR_NOAM
+    counter: torch.Tensor = None  # LR_NOAM: the group's on-device update counter
+
+
+@dataclass
+class DeviceWork:
+    """Everything one backend needs for one device in one step."""
+
+    device: torch.device
+    slots: list = field(default_factory=list)  # sorted so that each dtype is one contiguous run
+    buckets: list = field(default_factory=list)  # (dtype, first slot, end slot)
+    lrs: list = field(default_factory=list)  # GroupLR per param group (every group, in order)
+    hyper: list = field(default_factory=list)  # per param group: the optimizer's hyperparameters
+
+
+def _is_dense(t):
+    """True when ``t`` covers exactly ``numel`` consecutive elements from ``data_ptr`` (any order)."""
+    if t.numel() <= 1:
+        return True
+    expected = 1
+    for size, stride in sorted(((s, st) for s, st in zip(t.shape, t.stride()) if s != 1),
+                               key=lambda x: x[1]):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _to_param_layout(value, p):
+    """A fresh tensor with ``p``'s dtype, device and strides holding ``value`` (never an alias)."""
+    out = torch.empty_like(p, memory_format=torch.preserve_format)
+    out.copy_(value)
+    return out
+
+
+class FusedOptimizer(torch.optim.Optimizer):
+    """Base class. Subclasses define ``_op``, ``_state_names``, ``_validate`` and ``_hyper``."""
+
+    _op = None  # "adam" or "rmsprop": the backend op
+    _state_names = ()  # the three state slots, in kernel order
+
+    def __init__(self, params, defaults, backend="auto"):
+        if defaults.get("differentiable"):
+            raise RuntimeError(
+                f"fusedopt.{type(self).__name__} does not support differentiable=True: its fused "
+                f"kernels are not differentiable. Use torch.optim.{type(self).__name__} for that."
+            )
+        if backend == "auto":
+            backend = os.environ.get("FUSEDOPT_BACKEND", "auto") or "auto"
+        backends.check_name(backend)
+        self.backend = backend
+        self._tables = {}  # per-backend cached metadata, keyed by (backend name, device)
+        self._last_lr = {}  # group index -> 0-d device tensor of the lr the last step used
+        super().__init__(params, defaults)
+        if backend != "auto":
+            for device in {p.device for g in self.param_groups for p in g["params"]}:
+                backends.require(backend, device)
+
+    # ----------------------------------------------------------------- hooks for the subclasses
+    def _validate(self, group, in_step=False):
+        """Raise torch.optim's error for a bad hyperparameter in ``group``.
+
+        ``in_step``: called from ``step()``, where a device tensor lr must not be read (no sync).
+        """
+        raise NotImplementedError
+
+    def _needed(self, group):
+        """Which of the three state slots ``group``'s options use (the first always is)."""
+        raise NotImplementedError
+
+    def _hyper(self, group):
+        """The group's hyperparameters, as the backends read them (see fusedopt/_layout.py)."""
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------- torch.optim API
+    def add_param_group(self, param_group):
+        merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
+        self._validate(merged)
+        if isinstance(merged["lr"], torch.Tensor) and merged["lr"].numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if isinstance(group["lr"], Noam):
+            self._noam_device(group)
+        self._tables.clear()
+
+    def get_last_lr(self):
+        """The lr each group used in its last step, for logging, without a device sync.
+
+        A float for groups with a float lr; a 0-d device tensor for Noam and tensor lrs (read it
+        with ``.item()`` when you log: that is the only sync). Before the first step, the lr the
+        first step will use.
+        """
+        out = []
+        for i, group in enumerate(self.param_groups):
+            lr = group["lr"]
+            if isinstance(lr, Noam):
+                last = self._last_lr.get(i)
+                out.append(last if last is not None else lr.rate(1))
+            elif isinstance(lr, torch.Tensor):
+                out.append(self._last_lr.get(i, lr))
+            else:
+                out.append(lr)
+        return out
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = self._gather()  # validates everything; changes nothing
+        for w in work.values():
+            self._prepare(w)
+        for w in work.values():
+            backends.get(self._backend_for(w.device)).run(self, w)
+        return loss
+
+    def state_dict(self):
+        sd = super().state_dict()
+        for group in sd["param_groups"]:
+            lr = group["lr"]
+            if isinstance(lr, Noam):
+                # Plain data only, so torch.optim can load it and torch.load(weights_only=True)
+                # accepts it; torch.optim sees the last rate as an ordinary float lr.
+                group["noam"] = lr.to_dict()
+                counter = group.get("noam_step")
+                t = float(counter) if counter is not None else 0.0  # a checkpoint may sync
+                group["lr"] = lr.rate(max(t, 1.0))
+        return sd
+
+    def load_state_dict(self, state_dict):
+        previous = [g["lr"] for g in self.param_groups]
+        super().load_state_dict(state_dict)
+        self._tables.clear()
+        self._last_lr.clear()
+        for group, old_lr in zip(self.param_groups, previous):
+            noam = group.pop("noam", None)
+            if noam is not None:
+                group["lr"] = Noam.from_dict(noam)
+            elif isinstance(old_lr, Noam):
+                # A checkpoint from torch.optim (LambdaLR kept the schedule outside the optimizer):
+                # keep the Noam schedule this optimizer was built with, and resume its counter
+                # from the number of updates the group's parameters have seen.
+                group["lr"] = old_lr
+                group.pop("noam_step", None)
+            if isinstance(group["lr"], Noam):
+                device = self._noam_device(group)
+                counter = group.get("noam_step")
+                if counter is None:
+                    steps = [self.state[p]["step"] for p in group["params"]
+                             if "step" in self.state.get(p, {})]
+                    counter = (torch.stack([s.to(device, torch.float32) for s in steps]).max()
+                               if steps else torch.zeros((), dtype=torch.float32, device=device))
+                group["noam_step"] = counter.to(device=device, dtype=torch.float32).clone()
+            for p in group["params"]:
+                st = self.state.get(p)
+                if not st:
+                    continue
+                if "step" in st:
+                    st["step"] = torch.as_tensor(st["step"], dtype=torch.float32).to(
+                        p.device).clone().reshape(())
+                for name in self._state_names:
+                    if name in st:
+                        st[name] = _to_param_layout(st[name], p)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in self._group_key_defaults().items():
+                group.setdefault(key, value)
+
+    def _group_key_defaults(self):
+        return {}
+
+    # ----------------------------------------------------------------- internals
+    def _noam_device(self, group):
+        devices = {p.device for p in group["params"]}
+        if len(devices) > 1:
+            raise ValueError(
+                "fusedopt: a param group with a Noam lr must keep all its parameters on one device "
+                f"(its on-device step counter lives there); found {sorted(map(str, devices))}")
+        return devices.pop() if devices else torch.device("cpu")
+
+    def _backend_for(self, device):
+        return backends.select(self.backend, device)
+
+    def _gather(self):
+        """Validate this step's inputs and collect them by device. Raises before any change."""
+        name = type(self).__name__
+        by_device = {}
+        for gi, group in enumerate(self.param_groups):
+            self._validate(group, in_step=True)
+            for p in group["params"]:
+                g = p.grad
+                if g is None:
+                    continue
+                if g.is_sparse:
+                    raise RuntimeError(f"fusedopt.{name} does not support sparse gradients")
+                if p.dtype not in _SUPPORTED_DTYPES:
+                    raise TypeError(
+                        f"fusedopt.{name} supports float32, float16 and bfloat16 parameters; "
+                        f"got {p.dtype} (parameter of shape {tuple(p.shape)})")
+                if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
+                    raise ValueError(
+                        f"fusedopt.{name}: gradient ({tuple(g.shape)}, {g.dtype}, {g.device}) does "
+                        f"not match its parameter ({tuple(p.shape)}, {p.dtype}, {p.device})")
+                if not _is_dense(p):
+                    raise ValueError(
+                        f"fusedopt.{name}: a parameter of shape {tuple(p.shape)} with strides "
+                        f"{p.stride()} is not dense in memory; the fused kernels update "
+                        "parameters in place and cannot update it without a copy. Make the "
+                        "parameter contiguous before building the optimizer.")
+                by_device.setdefault(p.device, []).append((gi, p, g))
+            if isinstance(group["lr"], Noam):
+                # The counter advances every step, as LambdaLR does, even with no grads.
+                by_device.setdefault(self._noam_device(group), [])
+        for device in by_device:
+            backends.require(self._backend_for(device), device)
+        return {d: DeviceWork(d, slots=items) for d, items in by_device.items()}
+
+    def _prepare(self, work):
+        """Create missing state, then fill ``work`` in the form the backends read."""
+        device = work.device
+        slots = []
+        for gi, p, g in work.slots:
+            group = self.param_groups[gi]
+            st = self.state[p]
+            if "step" not in st:
+                st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            states = []
+            for name, needed in zip(self._state_names, self._needed(group)):
+                if needed and name not in st:
+                    st[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                states.append(st[name] if needed else None)
+            if g.stride() != p.stride() and p.numel() > 1:
+                g = _to_param_layout(g, p)  # a read-only input: a copy is safe
+            slots.append(Slot(gi, p, g, st["step"], tuple(states)))
+        order = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+        slots.sort(key=lambda s: order[s.param.dtype])
+        work.slots = slots
+        work.buckets = []
+        for i, s in enumerate(slots):
+            if not work.buckets or work.buckets[-1][0] != s.param.dtype:
+                work.buckets.append([s.param.dtype, i, i])
+            work.buckets[-1][2] = i + 1
+        work.buckets = [tuple(b) for b in work.buckets]
+        work.lrs = [self._group_lr(gi, group, device) for gi, group in enumerate(self.param_groups)]
+        work.hyper = [self._hyper(group) for group in self.param_groups]
+
+    def _group_lr(self, gi, group, device):
+        lr = group["lr"]
+        if isinstance(lr, Noam):
+            if self._noam_device(group) != device:
+                return GroupLR(LR_FLOAT)  # the group has no tensor here; its counter is elsewhere
+            counter = group.get("noam_step")
+            if counter is None or counter.device != device:
+                counter = (torch.zeros((), dtype=torch.float32, device=device) if counter is None
+                           else counter.to(device=device, dtype=torch.float32))
+                group["noam_step"] = counter
+            return GroupLR(LR_NOAM, noam=lr, counter=counter)
+        if isinstance(lr, torch.Tensor):
+            if lr.device == device and lr.dtype == torch.float32:
+                return GroupLR(LR_TENSOR, tensor=lr.reshape(()))
+            if lr.device.type == "cpu":
+                return GroupLR(LR_FLOAT, value=float(lr))  # a host read, not a device sync
+            return GroupLR(LR_TENSOR, tensor=lr.reshape(()).to(device=device, dtype=torch.float32))
+        return GroupLR(LR_FLOAT, value=float(lr))
+
+    def _set_last_lr(self, work, last):
+        """Backends call this with a [n_groups] device tensor of the lrs ``work`` used."""
+        for gi, glr in enumerate(work.lrs):
+            if glr.mode != LR_FLOAT:
+                self._last_lr[gi] = last[gi]
+
+
+def nonnegative(value):
+    """torch.optim's ``0.0 <= value`` test, which also rejects NaN; fusedopt rejects inf too."""
+    return 0.0 <= value < math.inf
+
+
+def check_common(lr, eps, weight_decay, in_step=False):
+    """The checks torch.optim's Adam/AdamW/RMSprop share, with torch's messages."""
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if not (in_step and lr.device.type != "cpu"):  # reading a device lr in step() would sync
+            if not nonnegative(float(lr)):
+                raise ValueError(f"Invalid learning rate: {lr}")
+    elif not isinstance(lr, Noam) and not nonnegative(lr):
+        raise ValueError(f"Invalid learning rate: {lr}")
+    if not nonnegative(eps):
+        raise ValueError(f"Invalid epsilon value: {eps}")
+    if not nonnegative(weight_decay):
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}")

@@ -1,0 +1,127 @@
+"""Adam and AdamW: the step prologue, the fused multi-tensor pass, and their launcher.
+
+Per element, in float32 (torch.optim's math, in its order of operations):
+``g = -g`` (maximize); ``p *= 1 - lr*wd`` (decoupled) or ``g += wd*p`` (L2);
+``m = lerp(m, g, 1-b1)``; ``v = b2*v + (1-b2)*g*g``; ``vmax = max(vmax, v)`` (amsgrad);
+``p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)``.
+Every per-group option (amsgrad, maximize, decoupled decay) is a runtime value, so groups with
+different options still share one launch; a constexpr only compiles the AMSGrad code in or out.
+"""
+
+import triton
+import triton.language as tl
+
+from .. import _layout as L
+from .multi_tensor import (BLOCK, HYPER_WIDTH, ITERS, PROLOGUE_BLOCK, SCAL_WIDTH,
+                           T_GROUP, T_NUMEL, T_PARAM, T_S0, T_S1, T_S2, TL_DTYPE, TMETA_WIDTH,
+                           advance_steps, chunk_grid, lerp, pow_int, resolve_group_lrs)
+
+H_BETA1 = tl.constexpr(L.ADAM_COLS["beta1"])
+H_BETA2 = tl.constexpr(L.ADAM_COLS["beta2"])
+H_EPS = tl.constexpr(L.ADAM_COLS["eps"])
+H_WD = tl.constexpr(L.ADAM_COLS["weight_decay"])
+H_AMSGRAD = tl.constexpr(L.ADAM_COLS["amsgrad"])
+H_MAXIMIZE = tl.constexpr(L.ADAM_COLS["maximize"])
+H_DECOUPLED = tl.constexpr(L.ADAM_COLS["decoupled"])
+
+# per-tensor scalars, written by the prologue
+S_STEP_SIZE, S_BC2_SQRT, S_P_MUL, S_G_WD, S_W1, S_BETA2, S_W2, S_EPS, S_SIGN, S_AMSGRAD = (
+    tl.constexpr(i) for i in range(10))
+
+
+@triton.jit
+def _adam_prologue(tmeta, n_tensors, hyper, gptr, glr, n_groups, scal,
+                   BLOCK_T: tl.constexpr):
+    resolve_group_lrs(hyper, gptr, glr, n_groups, BLOCK_T)
+    tl.debug_barrier()  # the group lrs just written are read below by other threads
+    for t0 in range(0, n_tensors, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        live = t < n_tensors
+        step = advance_steps(tmeta, t, live)
+        grp = tl.load(tmeta + t * TMETA_WIDTH + T_GROUP, mask=live, other=0)
+        h = hyper + grp * HYPER_WIDTH
+        lr = tl.load(glr + grp, mask=live, other=0.0)
+        beta1 = tl.load(h + H_BETA1, mask=live, other=0.0)
+        beta2 = tl.load(h + H_BETA2, mask=live, other=0.0)
+        eps = tl.load(h + H_EPS, mask=live, other=0.0)
+        wd = tl.load(h + H_WD, mask=live, other=0.0)
+        amsgrad = tl.load(h + H_AMSGRAD, mask=live, other=0.0)
+        maximize = tl.load(h + H_MAXIMIZE, mask=live, other=0.0)
+        decoupled = tl.load(h + H_DECOUPLED, mask=live, other=0.0) != 0.0
+        step_size = lr / (1.0 - pow_int(beta1, step))
+        bc2_sqrt = tl.sqrt(1.0 - pow_int(beta2, step))
+        p_mul = tl.where(decoupled, 1.0 - lr * wd, 1.0)
+        g_wd = tl.where(decoupled, 0.0, wd)
+        s = scal + t * SCAL_WIDTH
+        tl.store(s + S_STEP_SIZE, step_size.to(tl.float32), mask=live)
+        tl.store(s + S_BC2_SQRT, bc2_sqrt.to(tl.float32), mask=live)
+        tl.store(s + S_P_MUL, p_mul.to(tl.float32), mask=live)
+        tl.store(s + S_G_WD, g_wd.to(tl.float32), mask=live)
+        tl.store(s + S_W1, (1.0 - beta1).to(tl.float32), mask=live)
+        tl.store(s + S_BETA2, beta2.to(tl.float32), mask=live)
+        tl.store(s + S_W2, (1.0 - beta2).to(tl.float32), mask=live)
+        tl.store(s + S_EPS, eps.to(tl.float32), mask=live)
+        tl.store(s + S_SIGN, tl.where(maximize != 0.0, -1.0, 1.0).to(tl.float32), mask=live)
+        tl.store(s + S_AMSGRAD, amsgrad.to(tl.float32), mask=live)
+
+
+@triton.jit
+def _adam_main(tmeta, grads, scal, chunks, DTYPE: tl.constexpr, HAS_AMSGRAD: tl.constexpr,
+               BLOCK: tl.constexpr, ITERS: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    t = tl.load(chunks + 2 * pid)
+    start = tl.load(chunks + 2 * pid + 1)
+    row = tmeta + t * TMETA_WIDTH
+    p_ptr = tl.load(row + T_PARAM).to(tl.pointer_type(DTYPE))
+    m_ptr = tl.load(row + T_S0).to(tl.pointer_type(DTYPE))
+    v_ptr = tl.load(row + T_S1).to(tl.pointer_type(DTYPE))
+    vmax_ptr = tl.load(row + T_S2).to(tl.pointer_type(DTYPE))
+    numel = tl.load(row + T_NUMEL)
+    g_ptr = tl.load(grads + t).to(tl.pointer_type(DTYPE))
+    s = scal + t * SCAL_WIDTH
+    step_size = tl.load(s + S_STEP_SIZE)
+    bc2_sqrt = tl.load(s + S_BC2_SQRT)
+    p_mul = tl.load(s + S_P_MUL)
+    g_wd = tl.load(s + S_G_WD)
+    w1 = tl.load(s + S_W1)
+    beta2 = tl.load(s + S_BETA2)
+    w2 = tl.load(s + S_W2)
+    eps = tl.load(s + S_EPS)
+    sign = tl.load(s + S_SIGN)
+    # Runtime flags become element limits (0 when off): the masks then do the branching.
+    ams_numel = tl.where(tl.load(s + S_AMSGRAD) != 0.0, numel, 0)
+    for i in tl.static_range(ITERS):
+        offs = start + i * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < numel
+        p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
+        g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
+        m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
+        v = tl.load(v_ptr + offs, mask=mask).to(tl.float32)
+        g = g * sign
+        p = p * p_mul
+        g = tl.where(g_wd != 0.0, g + g_wd * p, g)
+        m = lerp(m, g, w1)
+        v = v * beta2 + w2 * g * g
+        v_used = v
+        if HAS_AMSGRAD:
+            ams_mask = offs < ams_numel
+            vmax = tl.load(vmax_ptr + offs, mask=ams_mask, other=0.0).to(tl.float32)
+            vmax = tl.maximum(vmax, v, propagate_nan=tl.PropagateNan.ALL)
+            tl.store(vmax_ptr + offs, vmax.to(DTYPE), mask=ams_mask)
+            v_used = tl.where(ams_mask, vmax, v)
+        denom = tl.div_rn(tl.sqrt_rn(v_used), bc2_sqrt) + eps
+        p = p - step_size * tl.div_rn(m, denom)
+        tl.store(p_ptr + offs, p.to(DTYPE), mask=mask)
+        tl.store(m_ptr + offs, m.to(DTYPE), mask=mask)
+        tl.store(v_ptr + offs, v.to(DTYPE), mask=mask)
+
+
+def adam_step(tables, has_amsgrad):
+    """One Adam/AdamW step over ``tables`` (a ``fusedopt._tables.DeviceTables``)."""
+    _adam_prologue[(1,)](tables.tmeta, tables.n_tensors, tables.hyper, tables.gptr, tables.glr,
+                         tables.hyper.shape[0], tables.scal, BLOCK_T=PROLOGUE_BLOCK)
+    for dtype, chunks in tables.bucket_chunks:
+        _adam_main[chunk_grid(chunks)](tables.tmeta, tables.grads, tables.scal, chunks,
+                                       DTYPE=TL_DTYPE[dtype], HAS_AMSGRAD=has_amsgrad,
+                                       BLOCK=BLOCK, ITERS=ITERS)
+

@@ -1,0 +1,107 @@
+"""What the multi-tensor kernels share: table columns as constexprs, the dtype map, the launch
+configuration, and the step prologue's pieces (group lr resolution, integer powers).
+
+Every step runs one tiny *prologue* program per device (advance each tensor's step, advance Noam
+counters, resolve each group's lr, write per-tensor scalars such as the bias-corrected step size) and
+then one *main* launch per (device, dtype) bucket over chunks of every tensor. The prologue works in
+float64 so that ``1 - beta2**t`` keeps its digits for small ``t``, as torch.optim's host-side
+Python arithmetic does; the main pass reads the resulting float32 scalars.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import _layout as L
+
+# Triton reads TRITON_INTERPRET when a kernel is decorated, so this is fixed at import time.
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+TMETA_WIDTH = tl.constexpr(L.TMETA_WIDTH)
+T_PARAM = tl.constexpr(L.T_PARAM)
+T_S0 = tl.constexpr(L.T_S0)
+T_S1 = tl.constexpr(L.T_S1)
+T_S2 = tl.constexpr(L.T_S2)
+T_STEP = tl.constexpr(L.T_STEP)
+T_NUMEL = tl.constexpr(L.T_NUMEL)
+T_GROUP = tl.constexpr(L.T_GROUP)
+GPTR_WIDTH = tl.constexpr(L.GPTR_WIDTH)
+G_LR_PTR = tl.constexpr(L.G_LR_PTR)
+G_COUNTER_PTR = tl.constexpr(L.G_COUNTER_PTR)
+HYPER_WIDTH = tl.constexpr(L.HYPER_WIDTH)
+H_LR = tl.constexpr(L.H_LR)
+H_MODE = tl.constexpr(L.H_MODE)
+H_NOAM_SCALE = tl.constexpr(L.H_NOAM_SCALE)
+H_NOAM_WARMUP = tl.constexpr(L.H_NOAM_WARMUP)
+SCAL_WIDTH = tl.constexpr(L.SCAL_WIDTH)
+LR_TENSOR = tl.constexpr(L.LR_TENSOR)
+LR_NOAM = tl.constexpr(L.LR_NOAM)
+
+TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+# Main pass: BLOCK elements per vector op, ITERS of them per program (one chunk). The interpreter
+# runs programs one by one in Python, so there one block per chunk keeps the per-program cost low.
+BLOCK = 1024
+ITERS = 1 if INTERPRETED else 4
+CHUNK = BLOCK * ITERS
+# Prologue: one program, looping over groups and tensors this many at a time.
+PROLOGUE_BLOCK = 128
+
+
+@triton.jit
+def pow_int(base, n):
+    """``base ** n`` for float64 ``base`` and integer-valued ``n`` in [0, 2**32), by squaring."""
+    result = base * 0.0 + 1.0
+    for _ in tl.static_range(32):
+        result = tl.where((n & 1) != 0, result * base, result)
+        base = base * base
+        n = n >> 1
+    return result
+
+
+@triton.jit
+def resolve_group_lrs(hyper, gptr, glr, n_groups, BLOCK_G: tl.constexpr):
+    """Write each group's lr for this step (float64) to ``glr``; advance the Noam counters."""
+    for g0 in range(0, n_groups, BLOCK_G):
+        g = g0 + tl.arange(0, BLOCK_G)
+        live = g < n_groups
+        h = hyper + g * HYPER_WIDTH
+        mode = tl.load(h + H_MODE, mask=live, other=0.0)
+        lr = tl.load(h + H_LR, mask=live, other=0.0)
+        is_tensor = live & (mode == LR_TENSOR)
+        lr_addr = tl.load(gptr + g * GPTR_WIDTH + G_LR_PTR, mask=is_tensor, other=0)
+        lr_t = tl.load(lr_addr.to(tl.pointer_type(tl.float32)), mask=is_tensor, other=0.0)
+        lr = tl.where(is_tensor, lr_t.to(tl.float64), lr)
+        is_noam = live & (mode == LR_NOAM)
+        c_ptr = tl.load(gptr + g * GPTR_WIDTH + G_COUNTER_PTR, mask=is_noam, other=0).to(
+            tl.pointer_type(tl.float32))
+        count = tl.load(c_ptr, mask=is_noam, other=0.0) + 1.0
+        tl.store(c_ptr, count, mask=is_noam)
+        t = tl.maximum(count.to(tl.float64), 1.0)
+        scale = tl.load(h + H_NOAM_SCALE, mask=is_noam, other=0.0)
+        warm = tl.load(h + H_NOAM_WARMUP, mask=is_noam, other=0.0)
+        rate = scale * tl.minimum(1.0 / tl.sqrt(t), t * warm)
+        lr = tl.where(is_noam, rate, lr)
+        tl.store(glr + g, lr, mask=live)
+
+
+@triton.jit
+def advance_steps(tmeta, t, live):
+    """Add one to the step of each live tensor ``t``; return the new steps as int64."""
+    step_ptr = tl.load(tmeta + t * TMETA_WIDTH + T_STEP, mask=live, other=0).to(
+        tl.pointer_type(tl.float32))
+    step = tl.load(step_ptr, mask=live, other=0.0) + 1.0
+    tl.store(step_ptr, step, mask=live)
+    return step.to(tl.int64)
+
+
+@triton.jit
+def lerp(a, b, w):
+    """torch.lerp's formula (exact at both ends), for float32 tensors and a scalar weight."""
+    return tl.where(w < 0.5, a + w * (b - a), b - (b - a) * (1.0 - w))
+
+
+def chunk_grid(chunks):
+    return (chunks.shape[0],)

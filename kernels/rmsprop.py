@@ -1,0 +1,117 @@
+"""RMSprop: the step prologue, the fused multi-tensor pass, and their launcher.
+
+Per element, in float32 (torch.optim's math, in its order of operations):
+``g = -g`` (maximize); ``g += wd*p``; ``sq = alpha*sq + (1-alpha)*g*g``;
+centered: ``ga = lerp(ga, g, 1-alpha)``, ``avg = sqrt(sq - ga*ga) + eps``, else ``sqrt(sq) + eps``;
+momentum: ``buf = momentum*buf + g/avg``, ``p -= lr*buf``; else ``p -= lr*g/avg``.
+No bias correction; the step still advances (torch.optim keeps it in the state).
+``centered``, ``momentum`` and ``maximize`` are runtime values per tensor; constexprs only compile
+the centered and momentum code in or out.
+"""
+
+import triton
+import triton.language as tl
+
+from .. import _layout as L
+from .multi_tensor import (BLOCK, HYPER_WIDTH, ITERS, PROLOGUE_BLOCK, SCAL_WIDTH, T_GROUP,
+                           T_NUMEL, T_PARAM, T_S0, T_S1, T_S2, TL_DTYPE, TMETA_WIDTH,
+                           advance_steps, chunk_grid, lerp, resolve_group_lrs)
+
+H_ALPHA = tl.constexpr(L.RMSPROP_COLS["alpha"])
+H_EPS = tl.constexpr(L.RMSPROP_COLS["eps"])
+H_WD = tl.constexpr(L.RMSPROP_COLS["weight_decay"])
+H_MOMENTUM = tl.constexpr(L.RMSPROP_COLS["momentum"])
+H_CENTERED = tl.constexpr(L.RMSPROP_COLS["centered"])
+H_MAXIMIZE = tl.constexpr(L.RMSPROP_COLS["maximize"])
+
+S_LR, S_ALPHA, S_W, S_EPS, S_WD, S_MOMENTUM, S_SIGN, S_CENTERED = (tl.constexpr(i) for i in range(8))
+
+
+@triton.jit
+def _rmsprop_prologue(tmeta, n_tensors, hyper, gptr, glr, n_groups, scal,
+                      BLOCK_T: tl.constexpr):
+    resolve_group_lrs(hyper, gptr, glr, n_groups, BLOCK_T)
+    tl.debug_barrier()  # the group lrs just written are read below by other threads
+    for t0 in range(0, n_tensors, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        live = t < n_tensors
+        advance_steps(tmeta, t, live)
+        grp = tl.load(tmeta + t * TMETA_WIDTH + T_GROUP, mask=live, other=0)
+        h = hyper + grp * HYPER_WIDTH
+        lr = tl.load(glr + grp, mask=live, other=0.0)
+        alpha = tl.load(h + H_ALPHA, mask=live, other=0.0)
+        maximize = tl.load(h + H_MAXIMIZE, mask=live, other=0.0)
+        s = scal + t * SCAL_WIDTH
+        tl.store(s + S_LR, lr.to(tl.float32), mask=live)
+        tl.store(s + S_ALPHA, alpha.to(tl.float32), mask=live)
+        tl.store(s + S_W, (1.0 - alpha).to(tl.float32), mask=live)
+        tl.store(s + S_EPS, tl.load(h + H_EPS, mask=live, other=0.0).to(tl.float32), mask=live)
+        tl.store(s + S_WD, tl.load(h + H_WD, mask=live, other=0.0).to(tl.float32), mask=live)
+        tl.store(s + S_MOMENTUM, tl.load(h + H_MOMENTUM, mask=live, other=0.0).to(tl.float32),
+                 mask=live)
+        tl.store(s + S_SIGN, tl.where(maximize != 0.0, -1.0, 1.0).to(tl.float32), mask=live)
+        tl.store(s + S_CENTERED, tl.load(h + H_CENTERED, mask=live, other=0.0).to(tl.float32),
+                 mask=live)
+
+
+@triton.jit
+def _rmsprop_main(tmeta, grads, scal, chunks, DTYPE: tl.constexpr, HAS_CENTERED: tl.constexpr,
+                  HAS_MOMENTUM: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    t = tl.load(chunks + 2 * pid)
+    start = tl.load(chunks + 2 * pid + 1)
+    row = tmeta + t * TMETA_WIDTH
+    p_ptr = tl.load(row + T_PARAM).to(tl.pointer_type(DTYPE))
+    sq_ptr = tl.load(row + T_S0).to(tl.pointer_type(DTYPE))
+    buf_ptr = tl.load(row + T_S1).to(tl.pointer_type(DTYPE))
+    ga_ptr = tl.load(row + T_S2).to(tl.pointer_type(DTYPE))
+    numel = tl.load(row + T_NUMEL)
+    g_ptr = tl.load(grads + t).to(tl.pointer_type(DTYPE))
+    s = scal + t * SCAL_WIDTH
+    lr = tl.load(s + S_LR)
+    alpha = tl.load(s + S_ALPHA)
+    w = tl.load(s + S_W)
+    eps = tl.load(s + S_EPS)
+    wd = tl.load(s + S_WD)
+    momentum = tl.load(s + S_MOMENTUM)
+    sign = tl.load(s + S_SIGN)
+    # Runtime flags become element limits (0 when off): the masks then do the branching.
+    centered_numel = tl.where(tl.load(s + S_CENTERED) != 0.0, numel, 0)
+    momentum_numel = tl.where(momentum > 0.0, numel, 0)
+    for i in tl.static_range(ITERS):
+        offs = start + i * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < numel
+        p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
+        g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
+        sq = tl.load(sq_ptr + offs, mask=mask).to(tl.float32)
+        g = g * sign
+        g = tl.where(wd != 0.0, g + wd * p, g)
+        sq = sq * alpha + w * g * g
+        var = sq
+        if HAS_CENTERED:
+            c_mask = offs < centered_numel
+            ga = tl.load(ga_ptr + offs, mask=c_mask, other=0.0).to(tl.float32)
+            ga = lerp(ga, g, w)
+            tl.store(ga_ptr + offs, ga.to(DTYPE), mask=c_mask)
+            var = tl.where(c_mask, sq + -1.0 * ga * ga, sq)
+        avg = tl.sqrt_rn(var) + eps
+        step = tl.div_rn(g, avg)
+        if HAS_MOMENTUM:
+            b_mask = offs < momentum_numel
+            buf = tl.load(buf_ptr + offs, mask=b_mask, other=0.0).to(tl.float32)
+            buf = buf * momentum + step
+            tl.store(buf_ptr + offs, buf.to(DTYPE), mask=b_mask)
+            step = tl.where(b_mask, buf, step)
+        p = p + -lr * step
+        tl.store(p_ptr + offs, p.to(DTYPE), mask=mask)
+        tl.store(sq_ptr + offs, sq.to(DTYPE), mask=mask)
+
+
+def rmsprop_step(tables, has_centered, has_momentum):
+    """One RMSprop step over ``tables`` (a ``fusedopt._tables.DeviceTables``)."""
+    _rmsprop_prologue[(1,)](tables.tmeta, tables.n_tensors, tables.hyper, tables.gptr, tables.glr,
+                            tables.hyper.shape[0], tables.scal, BLOCK_T=PROLOGUE_BLOCK)
+    for dtype, chunks in tables.bucket_chunks:
+        _rmsprop_main[chunk_grid(chunks)](tables.tmeta, tables.grads, tables.scal, chunks,
+                                          DTYPE=TL_DTYPE[dtype], HAS_CENTERED=has_centered,
+                                          HAS_MOMENTUM=has_momentum, BLOCK=BLOCK, ITERS=ITERS)
