@@ -162,11 +162,12 @@ class FusedOptimizer(torch.optim.Optimizer):
             lr = group["lr"]
             if isinstance(lr, Noam):
                 # Plain data only, so torch.optim can load it and torch.load(weights_only=True)
-                # accepts it; torch.optim sees the last rate as an ordinary float lr.
+                # accepts it. torch.optim sees the rate of the next step as an ordinary float lr,
+                # as a torch checkpoint taken after `opt.step(); LambdaLR.step()` holds it.
                 group["noam"] = lr.to_dict()
                 counter = group.get("noam_step")
                 t = float(counter) if counter is not None else 0.0  # a checkpoint may sync
-                group["lr"] = lr.rate(max(t, 1.0))
+                group["lr"] = lr.rate(t + 1.0)
         return sd
 
     def load_state_dict(self, state_dict):

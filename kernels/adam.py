@@ -14,7 +14,7 @@ import triton.language as tl
 from .. import _layout as L
 from .multi_tensor import (BLOCK, HYPER_WIDTH, ITERS, PROLOGUE_BLOCK, SCAL_WIDTH,
                            T_GROUP, T_NUMEL, T_PARAM, T_S0, T_S1, T_S2, TL_DTYPE, TMETA_WIDTH,
-                           advance_steps, chunk_grid, lerp, pow_int, resolve_group_lrs)
+                           advance_steps, cast_out, chunk_grid, lerp, pow_int, resolve_group_lrs)
 
 H_BETA1 = tl.constexpr(L.ADAM_COLS["beta1"])
 H_BETA2 = tl.constexpr(L.ADAM_COLS["beta2"])
@@ -107,13 +107,13 @@ def _adam_main(tmeta, grads, scal, chunks, DTYPE: tl.constexpr, HAS_AMSGRAD: tl.
             ams_mask = offs < ams_numel
             vmax = tl.load(vmax_ptr + offs, mask=ams_mask, other=0.0).to(tl.float32)
             vmax = tl.maximum(vmax, v, propagate_nan=tl.PropagateNan.ALL)
-            tl.store(vmax_ptr + offs, vmax.to(DTYPE), mask=ams_mask)
+            tl.store(vmax_ptr + offs, cast_out(vmax, DTYPE), mask=ams_mask)
             v_used = tl.where(ams_mask, vmax, v)
         denom = tl.div_rn(tl.sqrt_rn(v_used), bc2_sqrt) + eps
         p = p - step_size * tl.div_rn(m, denom)
-        tl.store(p_ptr + offs, p.to(DTYPE), mask=mask)
-        tl.store(m_ptr + offs, m.to(DTYPE), mask=mask)
-        tl.store(v_ptr + offs, v.to(DTYPE), mask=mask)
+        tl.store(p_ptr + offs, cast_out(p, DTYPE), mask=mask)
+        tl.store(m_ptr + offs, cast_out(m, DTYPE), mask=mask)
+        tl.store(v_ptr + offs, cast_out(v, DTYPE), mask=mask)
 
 
 def adam_step(tables, has_amsgrad):

@@ -103,5 +103,25 @@ def lerp(a, b, w):
     return tl.where(w < 0.5, a + w * (b - a), b - (b - a) * (1.0 - w))
 
 
+@triton.jit
+def _bf16_rne(x):
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = bits + 0x7FFF + ((bits >> 16) & 1)
+    rounded = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return tl.where(x != x, x.to(tl.bfloat16), rounded)
+
+
+@triton.jit
+def cast_out(x, DTYPE: tl.constexpr):
+    """float32 -> DTYPE with round-to-nearest-even, as torch rounds. bf16 is rounded by hand:
+    the Triton interpreter truncates (triton 3.9, even with fp_downcast_rounding="rtne"), and on
+    the GPU these few integer ops hide under the memory traffic; the result is bit-identical to
+    torch's ``.to(torch.bfloat16)``, NaN and inf included."""
+    if DTYPE == tl.bfloat16:
+        return _bf16_rne(x)
+    else:
+        return x.to(DTYPE)
+
+
 def chunk_grid(chunks):
     return (chunks.shape[0],)

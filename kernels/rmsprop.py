@@ -15,7 +15,7 @@ import triton.language as tl
 from .. import _layout as L
 from .multi_tensor import (BLOCK, HYPER_WIDTH, ITERS, PROLOGUE_BLOCK, SCAL_WIDTH, T_GROUP,
                            T_NUMEL, T_PARAM, T_S0, T_S1, T_S2, TL_DTYPE, TMETA_WIDTH,
-                           advance_steps, chunk_grid, lerp, resolve_group_lrs)
+                           advance_steps, cast_out, chunk_grid, lerp, resolve_group_lrs)
 
 H_ALPHA = tl.constexpr(L.RMSPROP_COLS["alpha"])
 H_EPS = tl.constexpr(L.RMSPROP_COLS["eps"])
@@ -92,7 +92,7 @@ def _rmsprop_main(tmeta, grads, scal, chunks, DTYPE: tl.constexpr, HAS_CENTERED:
             c_mask = offs < centered_numel
             ga = tl.load(ga_ptr + offs, mask=c_mask, other=0.0).to(tl.float32)
             ga = lerp(ga, g, w)
-            tl.store(ga_ptr + offs, ga.to(DTYPE), mask=c_mask)
+            tl.store(ga_ptr + offs, cast_out(ga, DTYPE), mask=c_mask)
             var = tl.where(c_mask, sq + -1.0 * ga * ga, sq)
         avg = tl.sqrt_rn(var) + eps
         step = tl.div_rn(g, avg)
@@ -100,11 +100,11 @@ def _rmsprop_main(tmeta, grads, scal, chunks, DTYPE: tl.constexpr, HAS_CENTERED:
             b_mask = offs < momentum_numel
             buf = tl.load(buf_ptr + offs, mask=b_mask, other=0.0).to(tl.float32)
             buf = buf * momentum + step
-            tl.store(buf_ptr + offs, buf.to(DTYPE), mask=b_mask)
+            tl.store(buf_ptr + offs, cast_out(buf, DTYPE), mask=b_mask)
             step = tl.where(b_mask, buf, step)
         p = p + -lr * step
-        tl.store(p_ptr + offs, p.to(DTYPE), mask=mask)
-        tl.store(sq_ptr + offs, sq.to(DTYPE), mask=mask)
+        tl.store(p_ptr + offs, cast_out(p, DTYPE), mask=mask)
+        tl.store(sq_ptr + offs, cast_out(sq, DTYPE), mask=mask)
 
 
 def rmsprop_step(tables, has_centered, has_momentum):
