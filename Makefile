@@ -1,0 +1,11 @@
+# The README's commands. `make setup` is idempotent and quick once everything is installed.
+.PHONY: setup demo test
+
+setup:
+	bash scripts/setup_env.sh
+
+demo: setup
+	python3 benchmarks/demo.py
+
+test: setup
+	TRITON_INTERPRET=1 python3 -m pytest -q tests

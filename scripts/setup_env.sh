@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# Idempotent set-up for fusedopt, used by both README commands (demo and tests):
+#   bash scripts/setup_env.sh && python3 benchmarks/demo.py
+#   bash scripts/setup_env.sh && TRITON_INTERPRET=1 python3 -m pytest -q tests
+#
+#  - torch:   reused when `import torch` works; only otherwise is torch==2.13.0 installed
+#             (an unpinned torch would pull several GB of CUDA packages).
+#  - triton:  reused when importable; otherwise triton==3.9.0 is installed when torch is 2.13.0,
+#             and skipped with a note for any other torch (a CUDA torch brings its own triton).
+#  - pytest, numpy, and what building fusedopt needs (setuptools>=64; wheel with a setuptools
+#             older than 70.1): installed when missing.
+#  - fusedopt itself: `pip install --no-build-isolation --no-deps -e .` from the repo root
+#             (no isolation: the build uses the installed torch instead of downloading one).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+export PIP_ROOT_USER_ACTION="${PIP_ROOT_USER_ACTION:-ignore}"
+
+pip_install() {
+    echo "setup_env: python3 -m pip install $*"
+    python3 -m pip install "$@"
+}
+
+# One interpreter start for all checks (importing torch alone takes a second or two).
+# Prints "name version", or "name MISSING" when the import fails (a broken install counts too).
+probe() {
+    python3 - <<'PYEOF'
+import importlib
+
+def version(name):
+    try:
+        return getattr(importlib.import_module(name), "__version__", "unknown")
+    except Exception:
+        return "MISSING"
+
+def major_minor(v):
+    try:
+        return tuple(int(x) for x in v.split(".")[:2])
+    except ValueError:
+        return (0, 0)
+
+wheel = version("wheel")  # before setuptools, which may put its vendored copy on sys.path
+found = {name: version(name) for name in ("torch", "triton", "pytest", "numpy", "setuptools")}
+st = found["setuptools"]
+if st != "MISSING" and major_minor(st) < (64, 0):
+    found["setuptools"] = "MISSING"  # too old for editable installs from pyproject.toml
+if wheel == "MISSING" and st != "MISSING" and major_minor(st) >= (70, 1):
+    wheel = "not-needed"  # setuptools >= 70.1 builds wheels by itself
+found["wheel"] = wheel
+for name, v in found.items():
+    print(name, v)
+PYEOF
+}
+
+STATUS="$(probe)"
+version_of() {  # the version of $1 in the last probe, or MISSING
+    awk -v n="$1" '$1 == n { print $2 }' <<<"$STATUS"
+}
+
+if [[ "$(version_of torch)" == MISSING ]]; then
+    pip_install "torch==2.13.0"
+    STATUS="$(probe)"
+else
+    echo "setup_env: torch $(version_of torch) already installed, reusing it"
+fi
+
+TORCH_VERSION="$(version_of torch)"
+if [[ "$(version_of triton)" != MISSING ]]; then
+    echo "setup_env: triton $(version_of triton) already installed"
+elif [[ "$TORCH_VERSION" == 2.13.0 || "$TORCH_VERSION" == 2.13.0+* ]]; then
+    pip_install "triton==3.9.0"
+else
+    echo "setup_env: note: triton is not importable and torch is $TORCH_VERSION (not 2.13.0):" \
+         "not installing triton (fusedopt then has only its \"torch\" backend)"
+fi
+
+missing=()
+for name in pytest numpy setuptools wheel; do
+    if [[ "$(version_of "$name")" == MISSING ]]; then
+        if [[ "$name" == setuptools ]]; then missing+=("setuptools>=64"); else missing+=("$name"); fi
+    elif [[ "$(version_of "$name")" == not-needed ]]; then
+        echo "setup_env: $name not needed (setuptools >= 70.1 builds wheels itself)"
+    else
+        echo "setup_env: $name $(version_of "$name") already installed"
+    fi
+done
+if ((${#missing[@]})); then
+    pip_install "${missing[@]}"
+fi
+
+echo "setup_env: python3 -m pip install --no-build-isolation --no-deps -e . (in $ROOT)"
+python3 -m pip install --quiet --no-build-isolation --no-deps -e .
+echo "setup_env: done"
