@@ -99,9 +99,9 @@ def _adam_main(tmeta, grads, scal, chunks, DTYPE: tl.constexpr, HAS_AMSGRAD: tl.
         v = tl.load(v_ptr + offs, mask=mask).to(tl.float32)
         g = g * sign
         p = p * p_mul
-        g = tl.where(g_wd != 0.0, g + g_wd * p, g)
+        g = tl.where(g_wd != 0.0, tl.fma(p, g_wd, g), g)
         m = lerp(m, g, w1)
-        v = v * beta2 + w2 * g * g
+        v = tl.fma(w2 * g, g, v * beta2)
         v_used = v
         if HAS_AMSGRAD:
             ams_mask = offs < ams_numel
@@ -110,7 +110,7 @@ def _adam_main(tmeta, grads, scal, chunks, DTYPE: tl.constexpr, HAS_AMSGRAD: tl.
             tl.store(vmax_ptr + offs, cast_out(vmax, DTYPE), mask=ams_mask)
             v_used = tl.where(ams_mask, vmax, v)
         denom = tl.div_rn(tl.sqrt_rn(v_used), bc2_sqrt) + eps
-        p = p - step_size * tl.div_rn(m, denom)
+        p = p + tl.div_rn(-step_size * m, denom)
         tl.store(p_ptr + offs, cast_out(p, DTYPE), mask=mask)
         tl.store(m_ptr + offs, cast_out(m, DTYPE), mask=mask)
         tl.store(v_ptr + offs, cast_out(v, DTYPE), mask=mask)

@@ -1,6 +1,11 @@
 """What the multi-tensor kernels share: table columns as constexprs, the dtype map, the launch
 configuration, and the step prologue's pieces (group lr resolution, integer powers).
 
+Rounding follows torch's kernels, which is what makes fp32 parity "close to rounding": where torch
+fuses a multiply-add (``add(alpha=)``, ``addcmul``, ``lerp``: an FMA on CPU and CUDA alike) the
+kernels call ``tl.fma``; where torch rounds in between (``addcdiv`` computes ``(value*t1)/t2``, then
+adds) they do too; division and square root are the correctly rounded ``div_rn``/``sqrt_rn``.
+
 Every step runs one tiny *prologue* program per device (advance each tensor's step, advance Noam
 counters, resolve each group's lr, write per-tensor scalars such as the bias-corrected step size) and
 then one *main* launch per (device, dtype) bucket over chunks of every tensor. The prologue works in
@@ -99,8 +104,9 @@ def advance_steps(tmeta, t, live):
 
 @triton.jit
 def lerp(a, b, w):
-    """torch.lerp's formula (exact at both ends), for float32 tensors and a scalar weight."""
-    return tl.where(w < 0.5, a + w * (b - a), b - (b - a) * (1.0 - w))
+    """torch.lerp as torch computes it on CPU (vectorized) and CUDA: one FMA, from the nearer end."""
+    d = b - a
+    return tl.where(w < 0.5, tl.fma(w, d, a), tl.fma(w - 1.0, d, b))
 
 
 @triton.jit

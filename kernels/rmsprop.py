@@ -85,24 +85,24 @@ def _rmsprop_main(tmeta, grads, scal, chunks, DTYPE: tl.constexpr, HAS_CENTERED:
         g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
         sq = tl.load(sq_ptr + offs, mask=mask).to(tl.float32)
         g = g * sign
-        g = tl.where(wd != 0.0, g + wd * p, g)
-        sq = sq * alpha + w * g * g
+        g = tl.where(wd != 0.0, tl.fma(p, wd, g), g)
+        sq = tl.fma(w * g, g, sq * alpha)
         var = sq
         if HAS_CENTERED:
             c_mask = offs < centered_numel
             ga = tl.load(ga_ptr + offs, mask=c_mask, other=0.0).to(tl.float32)
             ga = lerp(ga, g, w)
             tl.store(ga_ptr + offs, cast_out(ga, DTYPE), mask=c_mask)
-            var = tl.where(c_mask, sq + -1.0 * ga * ga, sq)
+            var = tl.where(c_mask, tl.fma(-ga, ga, sq), sq)
         avg = tl.sqrt_rn(var) + eps
-        step = tl.div_rn(g, avg)
+        new_p = p + tl.div_rn(-lr * g, avg)
         if HAS_MOMENTUM:
             b_mask = offs < momentum_numel
             buf = tl.load(buf_ptr + offs, mask=b_mask, other=0.0).to(tl.float32)
-            buf = buf * momentum + step
+            buf = buf * momentum + tl.div_rn(g, avg)
             tl.store(buf_ptr + offs, cast_out(buf, DTYPE), mask=b_mask)
-            step = tl.where(b_mask, buf, step)
-        p = p + -lr * step
+            new_p = tl.where(b_mask, tl.fma(buf, -lr, p), new_p)
+        p = new_p
         tl.store(p_ptr + offs, cast_out(p, DTYPE), mask=mask)
         tl.store(sq_ptr + offs, cast_out(sq, DTYPE), mask=mask)
 

@@ -217,11 +217,13 @@ def test_non_dense_param_rejected_unchanged(backend, device, require_backend):
     assert torch.equal(other, before) and not opt.state
 
 
-def test_fp32_tolerance_is_tight():
-    """The parity tolerance can fail: one ulp-scale perturbation per step is caught."""
+@pytest.mark.parametrize("cls", ["Adam", "RMSprop"])
+def test_fp32_tolerance_is_tight(cls):
+    """The parity tolerance can fail: an lr off by one part in 10^4 is caught."""
     ps = make_params()
     a, b = clone_params(ps), clone_params(ps)
-    oa, ob = torch.optim.Adam(a, lr=1e-2), torch.optim.Adam(b, lr=1.00002e-2)
+    oa = getattr(torch.optim, cls)(a, lr=1e-2)
+    ob = getattr(torch.optim, cls)(b, lr=1e-2 * (1 + 1e-4))
     train(oa, a, 3)
     train(ob, b, 3)
     with pytest.raises(AssertionError):

@@ -60,7 +60,7 @@ def _adam(slot, h, lr):
         torch.maximum(vmax, v, out=vmax)
         v_used = vmax
     denom = (v_used.sqrt() / bc2_sqrt).add_(h["eps"])
-    p.sub_(m / denom * step_size)
+    p.add_(m.mul(-step_size).div_(denom))  # addcdiv(value=-step_size), with a tensor value
     for dst, value in zip((slot.param, *slot.states), (p, m, v, vmax)):
         _store(dst, value)
 
@@ -80,11 +80,13 @@ def _rmsprop(slot, h, lr):
     else:
         avg = sq.sqrt()
     avg = avg.add_(h["eps"])
-    step = g / avg
+    neg_lr = _f32(-lr)
     if momentum > 0:
-        buf.mul_(momentum).add_(step)
-        step = buf
-    p.sub_(step * _f32(lr))
+        buf.mul_(momentum).addcdiv_(g, avg)
+        # add(buf, alpha=-lr) is one FMA in torch; addcmul rounds the same way and takes a tensor
+        p.addcmul_(buf, neg_lr) if isinstance(neg_lr, torch.Tensor) else p.add_(buf, alpha=neg_lr)
+    else:
+        p.add_(g.mul(neg_lr).div_(avg))  # addcdiv(value=-lr), with a tensor value
     for dst, value in zip((slot.param, *slot.states), (p, sq, buf, ga)):
         _store(dst, value)
 
