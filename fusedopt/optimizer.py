@@ -134,11 +134,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         out = []
         for i, group in enumerate(self.param_groups):
             lr = group["lr"]
-            if isinstance(lr, Noam):
-                last = self._last_lr.get(i)
-                out.append(last if last is not None else lr.rate(1))
+            last = self._last_lr.get(i)
+            if isinstance(lr, (Noam, torch.Tensor)) and last is not None:
+                out.append(last.clone())  # a snapshot: the buffer is rewritten by the next step
+            elif isinstance(lr, Noam):
+                out.append(lr.rate(1))
             elif isinstance(lr, torch.Tensor):
-                out.append(self._last_lr.get(i, lr))
+                out.append(lr.clone())
             else:
                 out.append(lr)
         return out

@@ -56,6 +56,14 @@ class Noam:
             raise ValueError(f"Noam.rate is defined for t >= 1, got {t}")
         return self.scale * min(t ** -0.5, t * self.warmup_coeff)
 
+    def _not_a_number(self, *_):
+        raise TypeError(
+            "fusedopt.Noam is a schedule evaluated inside the optimizer step, not a number: a torch "
+            "LR scheduler cannot scale it. Use either lr=fusedopt.Noam(...) with no scheduler, or a "
+            "float lr with fusedopt.NoamLR / LambdaLR.")
+
+    __mul__ = __rmul__ = __truediv__ = __add__ = __radd__ = __float__ = _not_a_number
+
     def to_dict(self):
         """Plain-data form, as stored in a state_dict (loadable with ``torch.load(weights_only=True)``)."""
         return {"d_model": self.d_model, "warmup": self.warmup, "factor": self.factor}
@@ -88,6 +96,10 @@ class NoamLR(LRScheduler):
         super().__init__(optimizer, last_epoch)
 
     def get_lr(self):
+        for group in self.optimizer.param_groups:
+            if isinstance(group["lr"], Noam):
+                raise TypeError("NoamLR would replace a group's in-kernel fusedopt.Noam lr with a "
+                                "float; use one or the other")
         return [self.noam.rate(self.last_epoch + 1) for _ in self.optimizer.param_groups]
 
     def state_dict(self):
