@@ -188,14 +188,17 @@ class FusedOptimizer(torch.optim.Optimizer):
                 group["lr"] = old_lr
                 group.pop("noam_step", None)
             if isinstance(group["lr"], Noam):
+                # The counter is at least the largest step of the group's parameters (each
+                # advances at most once per step() call). A checkpoint that went through
+                # torch.optim has no counter, or a stale one that torch carried along unchanged:
+                # the parameters' steps then say how far the schedule has gone.
                 device = self._noam_device(group)
-                counter = group.get("noam_step")
-                if counter is None:
-                    steps = [self.state[p]["step"] for p in group["params"]
-                             if "step" in self.state.get(p, {})]
-                    counter = (torch.stack([s.to(device, torch.float32) for s in steps]).max()
-                               if steps else torch.zeros((), dtype=torch.float32, device=device))
-                group["noam_step"] = counter.to(device=device, dtype=torch.float32).clone()
+                counts = [torch.as_tensor(self.state[p]["step"]).to(device, torch.float32)
+                          for p in group["params"] if "step" in self.state.get(p, {})]
+                if group.get("noam_step") is not None:
+                    counts.append(torch.as_tensor(group["noam_step"]).to(device, torch.float32))
+                group["noam_step"] = (torch.stack(counts).max().reshape(()) if counts else
+                                      torch.zeros((), dtype=torch.float32, device=device))
             for p in group["params"]:
                 st = self.state.get(p)
                 if not st:
