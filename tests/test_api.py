@@ -1,0 +1,256 @@
+"""The public API: torch.optim's arguments and errors, backends, launches, metadata reuse."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from parity import assert_same, clone_params, grads, make_params, set_grads, train
+
+import fusedopt
+from fusedopt import _tables, backends
+
+BAD = {
+    "Adam": [dict(lr=-1.0), dict(lr=float("nan")), dict(eps=-1e-8), dict(betas=(1.0, 0.999)),
+             dict(betas=(0.9, -0.1)), dict(weight_decay=-0.1)],
+    "AdamW": [dict(lr=-1e-3), dict(betas=(-0.1, 0.9)), dict(betas=(0.9, 1.0)),
+              dict(weight_decay=float("nan"))],
+    "RMSprop": [dict(lr=-1.0), dict(eps=-1.0), dict(momentum=-0.5), dict(weight_decay=-1.0),
+                dict(alpha=-0.9)],
+}
+
+
+@pytest.mark.parametrize("cls,kw", [(c, k) for c, ks in BAD.items() for k in ks],
+                         ids=lambda x: x if isinstance(x, str) else "-".join(map(str, x)))
+def test_bad_hyperparameters_give_torchs_message(cls, kw):
+    p = torch.nn.Parameter(torch.randn(3))
+    with pytest.raises(ValueError) as expected:
+        getattr(torch.optim, cls)([p], **kw)
+    with pytest.raises(ValueError) as got:
+        getattr(fusedopt, cls)([p], **kw)
+    assert str(got.value) == str(expected.value)
+
+
+def test_bad_param_group_rejected_before_any_change():
+    a, b = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(3))
+    opt = fusedopt.AdamW([a])
+    before = [dict(g) for g in opt.param_groups]
+    with pytest.raises(ValueError, match="Invalid learning rate"):
+        opt.add_param_group({"params": [b], "lr": -1.0})
+    with pytest.raises(ValueError, match="Invalid beta parameter at index 1"):
+        opt.add_param_group({"params": [b], "betas": (0.9, 2.0)})
+    assert opt.param_groups == before
+
+
+def _snapshot(opt, params):
+    return ([p.detach().clone() for p in params],
+            {i: {k: v.clone() for k, v in opt.state[p].items()} for i, p in enumerate(params)})
+
+
+def _assert_unchanged(opt, params, snap):
+    for p, q in zip(params, snap[0]):
+        assert torch.equal(p.detach(), q)
+    for i, p in enumerate(params):
+        assert set(opt.state[p]) == set(snap[1][i])
+        for k, v in snap[1][i].items():
+            assert torch.equal(opt.state[p][k], v), k
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+@pytest.mark.parametrize("breakage", ["group_lr", "grad_shape", "grad_dtype", "sparse",
+                                      "float64_param"])
+def test_bad_step_input_changes_nothing(backend, breakage):
+    if backends.unavailable(backend, "cpu"):
+        pytest.skip(backends.unavailable(backend, "cpu"))
+    params = clone_params(make_params([(4,), (3, 2), (5,)]))
+    opt = fusedopt.Adam(params, lr=1e-2, amsgrad=True, backend=backend)
+    train(opt, params, 2)
+    set_grads(params, grads(9, params))
+    snap = _snapshot(opt, params)
+    if breakage == "group_lr":
+        opt.param_groups[0]["lr"] = -1.0
+        error = ValueError
+    elif breakage == "grad_shape":
+        params[2].grad.data = torch.randn(6)  # torch refuses it through .grad; hooks can do this
+        error = ValueError
+    elif breakage == "grad_dtype":
+        params[2].grad.data = params[2].grad.data.double()
+        error = ValueError
+    elif breakage == "sparse":
+        params[2].grad = params[2].grad.to_sparse()
+        error = RuntimeError
+    else:
+        extra = torch.nn.Parameter(torch.randn(3, dtype=torch.float64))
+        opt.add_param_group({"params": [extra]})
+        extra.grad = torch.ones_like(extra)
+        error = TypeError
+    with pytest.raises(error):
+        opt.step()
+    _assert_unchanged(opt, params, snap)
+
+
+def test_differentiable_and_fused_foreach_rejected():
+    p = torch.nn.Parameter(torch.randn(3))
+    with pytest.raises(RuntimeError, match="differentiable"):
+        fusedopt.Adam([p], differentiable=True)
+    with pytest.raises(RuntimeError, match="differentiable"):
+        fusedopt.RMSprop([p], differentiable=True)
+    with pytest.raises(RuntimeError, match="cannot be `True` together"):
+        fusedopt.AdamW([p], fused=True, foreach=True)
+    for kw in (dict(foreach=True), dict(fused=True), dict(capturable=True)):
+        fusedopt.AdamW([p], **kw)  # accepted for compatibility
+
+
+def test_backend_names_and_auto_selection(monkeypatch):
+    p = torch.nn.Parameter(torch.randn(3))
+    with pytest.raises(ValueError, match="unknown backend 'nope'"):
+        fusedopt.Adam([p], backend="nope")
+    assert backends.select("auto", "cpu") == "torch"  # the interpreter is a test tool, not fast
+    monkeypatch.setenv("FUSEDOPT_BACKEND", "triton")
+    if backends.unavailable("triton", "cpu") is None:
+        assert fusedopt.Adam([p]).backend == "triton"
+    else:
+        with pytest.raises(RuntimeError, match="triton"):
+            fusedopt.Adam([p])
+    monkeypatch.setenv("FUSEDOPT_BACKEND", "torch")
+    assert fusedopt.Adam([p]).backend == "torch"
+    assert fusedopt.Adam([p], backend="auto").backend == "torch"
+
+
+def test_triton_on_cpu_without_interpreter_says_why():
+    code = ("import torch, fusedopt\n"
+            "p = torch.nn.Parameter(torch.randn(3))\n"
+            "try:\n"
+            "    fusedopt.Adam([p], backend='triton')\n"
+            "except RuntimeError as e:\n"
+            "    print(e)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    if "not importable" not in out.stdout:
+        assert "TRITON_INTERPRET=1" in out.stdout, out.stdout
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+def test_closure_zero_grad_and_late_param_group(backend):
+    if backends.unavailable(backend, "cpu"):
+        pytest.skip(backends.unavailable(backend, "cpu"))
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    ref = torch.nn.Linear(4, 3)
+    ref.load_state_dict(model.state_dict())
+    x, y = torch.randn(8, 4), torch.randn(8, 3)
+    opt = fusedopt.AdamW(model.parameters(), lr=1e-2, backend=backend)
+    ropt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+
+    def closure_for(m, o):
+        def closure():
+            o.zero_grad()
+            assert torch.is_grad_enabled()
+            loss = torch.nn.functional.mse_loss(m(x), y)
+            loss.backward()
+            return loss
+        return closure
+
+    with torch.no_grad():
+        for _ in range(3):
+            loss = opt.step(closure_for(model, opt))
+            rloss = ropt.step(closure_for(ref, ropt))
+            assert torch.equal(loss, rloss) or abs(loss.item() - rloss.item()) < 1e-6
+    opt.zero_grad(set_to_none=False)
+    assert all(torch.count_nonzero(p.grad) == 0 for p in model.parameters())
+    opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+    # a group added after training started
+    extra, rextra = clone_params(make_params([(6,)]) * 2)
+    opt.add_param_group({"params": [extra], "lr": 3e-2, "amsgrad": True})
+    ropt.add_param_group({"params": [rextra], "lr": 3e-2, "amsgrad": True})
+    train(opt, [*model.parameters(), extra], 3)
+    train(ropt, [*ref.parameters(), rextra], 3)
+    assert_same(ropt, [*ref.parameters(), rextra], opt, [*model.parameters(), extra])
+
+
+class _LaunchCounter:
+    def __init__(self, monkeypatch):
+        from fusedopt.kernels import adam, rmsprop
+        self.launches = []
+        kinds = {type(k) for k in (adam._adam_main, adam._adam_prologue, rmsprop._rmsprop_main)}
+        for kind in kinds:
+            original = kind.run
+
+            def run(fn, *args, _original=original, **kwargs):
+                self.launches.append(getattr(fn, "__name__", None) or fn.fn.__name__)
+                return _original(fn, *args, **kwargs)
+            monkeypatch.setattr(kind, "run", run)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("cls", ["AdamW", "RMSprop"])
+def test_one_launch_per_dtype_bucket(cls, monkeypatch):
+    """Many tensors in several groups with different options: one prologue launch plus one main
+    launch per dtype, counted at Triton's own launch entry point."""
+    if backends.unavailable("triton", "cpu"):
+        pytest.skip(backends.unavailable("triton", "cpu"))
+    f32 = clone_params(make_params([(3,)] * 40 + [(1030,), (0,)]))
+    b16 = clone_params(make_params([(5,)] * 30, dtype=torch.bfloat16))
+    options = (dict(amsgrad=True, weight_decay=0.3) if cls == "AdamW"
+               else dict(centered=True, momentum=0.9))
+    opt = getattr(fusedopt, cls)([dict(params=f32[:20] + b16[:10]),
+                                  dict(params=f32[20:] + b16[10:], lr=1e-4, **options)],
+                                 backend="triton")
+    counter = _LaunchCounter(monkeypatch)
+    for k in range(3):
+        set_grads(f32 + b16, grads(k, f32 + b16))
+        counter.launches.clear()
+        opt.step()
+        assert len(counter.launches) == 3, counter.launches  # prologue + fp32 + bf16
+    only_empty = clone_params(make_params([(0,)]))
+    opt = getattr(fusedopt, cls)(only_empty, backend="triton")
+    set_grads(only_empty, grads(0, only_empty))
+    counter.launches.clear()
+    opt.step()
+    assert len(counter.launches) == 1  # the step still advances; nothing to stream
+    assert float(opt.state[only_empty[0]]["step"]) == 1
+
+
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=pytest.mark.triton)])
+def test_metadata_built_once_and_reused(backend, monkeypatch):
+    if backends.unavailable(backend, "cpu"):
+        pytest.skip(backends.unavailable(backend, "cpu"))
+    builds = []
+    original = _tables.DeviceTables._build_tensor_tables
+    monkeypatch.setattr(_tables.DeviceTables, "_build_tensor_tables",
+                        lambda self, work: builds.append(1) or original(self, work))
+    params = clone_params(make_params())
+    opt = fusedopt.AdamW(params, lr=1e-2, backend=backend)
+    for k in range(4):
+        for p, g in zip(params, grads(k, params)):
+            if p.grad is None:
+                p.grad = g.float()
+            else:
+                p.grad.copy_(g)  # same grad storage every step
+        opt.step()
+    tables = opt._tables[("triton", torch.device("cpu"))]
+    assert len(builds) == 1
+    hyper = tables.hyper
+    opt.step()
+    assert tables.hyper is hyper, "nothing changed: the group table is reused too"
+    opt.param_groups[0]["lr"] = 5e-3  # a scheduler's write: only the group table is rebuilt
+    opt.step()
+    assert len(builds) == 1 and tables.hyper is not hyper
+    params[0].grad = None  # the parameter set changes: the tensor table is rebuilt
+    opt.step()
+    assert len(builds) == 2
+
+
+def test_step_hooks_inherited():
+    p = torch.nn.Parameter(torch.randn(3))
+    opt = fusedopt.RMSprop([p])
+    calls = []
+    opt.register_step_pre_hook(lambda o, a, k: calls.append("pre"))
+    opt.register_step_post_hook(lambda o, a, k: calls.append("post"))
+    p.grad = torch.ones_like(p)
+    opt.step()
+    assert calls == ["pre", "post"]
