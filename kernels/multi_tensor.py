@@ -51,6 +51,11 @@ TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float1
 BLOCK = 1024
 ITERS = 1 if INTERPRETED else 4
 CHUNK = BLOCK * ITERS
+# No implicit contraction of a*b + c into an FMA: the kernels place every FMA themselves, where
+# torch's own kernels have one, so that the GPU rounds as torch does (with contraction on, Triton
+# 3.9 fuses 32 more multiply-adds into the fp32 AdamW pass on sm_90, e.g. ``buf*momentum + g/avg``,
+# which torch computes in two rounded steps).
+LAUNCH_OPTIONS = {"enable_fp_fusion": False}
 # Prologue: one program, looping over groups and tensors this many at a time.
 PROLOGUE_BLOCK = 128
 

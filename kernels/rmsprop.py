@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from .. import _layout as L
-from .multi_tensor import (BLOCK, HYPER_WIDTH, ITERS, PROLOGUE_BLOCK, SCAL_WIDTH, T_GROUP,
+from .multi_tensor import (BLOCK, HYPER_WIDTH, ITERS, LAUNCH_OPTIONS, PROLOGUE_BLOCK, SCAL_WIDTH, T_GROUP,
                            T_NUMEL, T_PARAM, T_S0, T_S1, T_S2, TL_DTYPE, TMETA_WIDTH,
                            advance_steps, cast_out, chunk_grid, lerp, resolve_group_lrs)
 
@@ -110,8 +110,8 @@ def _rmsprop_main(tmeta, grads, scal, chunks, DTYPE: tl.constexpr, HAS_CENTERED:
 def rmsprop_step(tables, has_centered, has_momentum):
     """One RMSprop step over ``tables`` (a ``fusedopt._tables.DeviceTables``)."""
     _rmsprop_prologue[(1,)](tables.tmeta, tables.n_tensors, tables.hyper, tables.gptr, tables.glr,
-                            tables.hyper.shape[0], tables.scal, BLOCK_T=PROLOGUE_BLOCK)
+                            tables.hyper.shape[0], tables.scal, BLOCK_T=PROLOGUE_BLOCK, **LAUNCH_OPTIONS)
     for dtype, chunks in tables.bucket_chunks:
         _rmsprop_main[chunk_grid(chunks)](tables.tmeta, tables.grads, tables.scal, chunks,
                                           DTYPE=TL_DTYPE[dtype], HAS_CENTERED=has_centered,
-                                          HAS_MOMENTUM=has_momentum, BLOCK=BLOCK, ITERS=ITERS)
+                                          HAS_MOMENTUM=has_momentum, BLOCK=BLOCK, ITERS=ITERS, **LAUNCH_OPTIONS)

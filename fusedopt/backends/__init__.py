@@ -50,7 +50,7 @@ def select(request, device):
 
 
 def report(devices=None):
-    """``{backend: {device: reason or None}}`` for ``python -m fusedopt.info`` and the tests."""
+    """``{backend: {device: reason or None}}``: which backend can run where, and why not."""
     if devices is None:
         devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     return {name: {str(d): unavailable(name, d) for d in devices} for name in BACKENDS}
