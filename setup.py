@@ -1,5 +1,5 @@
-"""fusedopt: fused torch.optim-compatible optimizers. The Triton kernels in kernels/ are installed as
-``fusedopt.kernels`` (never as a top-level ``kernels`` package)."""
+"""fusedopt: fused torch.optim-compatible optimizers. The Triton kernels in kernels/ are installed
+as ``fusedopt.kernels`` (never as a top-level ``kernels`` package)."""
 
 from setuptools import setup
 

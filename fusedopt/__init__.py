@@ -1,6 +1,6 @@
 """fusedopt: torch.optim's Adam, AdamW and RMSprop as one fused multi-tensor pass per step.
 
-    opt = fusedopt.AdamW(model.parameters(), lr=fusedopt.Noam(d_model=512, warmup=4000))
+opt = fusedopt.AdamW(model.parameters(), lr=fusedopt.Noam(d_model=512, warmup=4000))
 """
 
 from .adam import Adam, AdamW

@@ -23,10 +23,23 @@ GPTR_WIDTH = 2
 # per group, values
 H_LR, H_MODE, H_NOAM_SCALE, H_NOAM_WARMUP = range(4)
 HYPER_WIDTH = 12
-ADAM_COLS = {"beta1": 4, "beta2": 5, "eps": 6, "weight_decay": 7, "amsgrad": 8, "maximize": 9,
-             "decoupled": 10}
-RMSPROP_COLS = {"alpha": 4, "eps": 5, "weight_decay": 6, "momentum": 7, "centered": 8,
-                "maximize": 9}
+ADAM_COLS = {
+    "beta1": 4,
+    "beta2": 5,
+    "eps": 6,
+    "weight_decay": 7,
+    "amsgrad": 8,
+    "maximize": 9,
+    "decoupled": 10,
+}
+RMSPROP_COLS = {
+    "alpha": 4,
+    "eps": 5,
+    "weight_decay": 6,
+    "momentum": 7,
+    "centered": 8,
+    "maximize": 9,
+}
 
 # per tensor scalars the step prologue writes and the main pass reads (float32 [T, SCAL_WIDTH])
 SCAL_WIDTH = 12

@@ -1,7 +1,8 @@
 """Device metadata tables for the fused kernels, built once and reused while nothing changes.
 
 A step's kernels read three kinds of table (columns in ``_layout``): per-tensor addresses and sizes,
-per-tensor grad addresses, per-group hyperparameters; plus a chunk list per (dtype) bucket. Each part
+per-tensor grad addresses, per-group hyperparameters; plus a chunk list per (dtype) bucket.
+Each part
 is rebuilt only when its inputs change: the tensor table when the set of parameters taking part (or
 a state tensor) changes, the grad table when a grad's storage changes, the group table when a
 hyperparameter changes. Uploads go through pinned memory with ``non_blocking=True``: no host sync.
@@ -37,23 +38,38 @@ class DeviceTables:
 
     def update(self, work):
         slots = work.slots
-        tkey = tuple((s.param.data_ptr(), *map(_addr, s.states), s.step.data_ptr(),
-                      s.param.numel(), s.group, s.param.dtype) for s in slots)
+        tkey = tuple(
+            (
+                s.param.data_ptr(),
+                *map(_addr, s.states),
+                s.step.data_ptr(),
+                s.param.numel(),
+                s.group,
+                s.param.dtype,
+            )
+            for s in slots
+        )
         if tkey != self._tkey:
             self._build_tensor_tables(work)
             self._tkey = tkey
         gkey = tuple(s.grad.data_ptr() for s in slots)
         if gkey != self._gkey:
-            host = torch.tensor(gkey, dtype=torch.int64) if gkey else torch.zeros(0, dtype=torch.int64)
+            host = (
+                torch.tensor(gkey, dtype=torch.int64) if gkey else torch.zeros(0, dtype=torch.int64)
+            )
             self.grads = _upload(host, self.device)
             self._gkey = gkey
         hkey = tuple(self._group_row(glr, hyper) for glr, hyper in zip(work.lrs, work.hyper))
         if hkey != self._hkey:
             n = len(hkey)
-            self.hyper = _upload(torch.tensor([r[0] for r in hkey], dtype=torch.float64)
-                                 .reshape(n, L.HYPER_WIDTH), self.device)
-            self.gptr = _upload(torch.tensor([r[1] for r in hkey], dtype=torch.int64)
-                                .reshape(n, L.GPTR_WIDTH), self.device)
+            self.hyper = _upload(
+                torch.tensor([r[0] for r in hkey], dtype=torch.float64).reshape(n, L.HYPER_WIDTH),
+                self.device,
+            )
+            self.gptr = _upload(
+                torch.tensor([r[1] for r in hkey], dtype=torch.int64).reshape(n, L.GPTR_WIDTH),
+                self.device,
+            )
             self.glr = torch.zeros(n, dtype=torch.float64, device=self.device)
             self._hkey = hkey
         return self

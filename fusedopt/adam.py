@@ -1,4 +1,4 @@
-"""``fusedopt.Adam`` and ``fusedopt.AdamW``: drop-in replacements for their torch.optim namesakes."""
+"""``fusedopt.Adam`` and ``fusedopt.AdamW``: drop-ins for their torch.optim namesakes."""
 
 import torch
 
@@ -29,15 +29,38 @@ class Adam(FusedOptimizer):
     _op = "adam"
     _state_names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
-                 amsgrad=False, *, foreach=None, maximize=False, capturable=False,
-                 differentiable=False, fused=None, decoupled_weight_decay=False, backend="auto"):
+    def __init__(
+        self,
+        params,
+        lr=1e-3,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=0,
+        amsgrad=False,
+        *,
+        foreach=None,
+        maximize=False,
+        capturable=False,
+        differentiable=False,
+        fused=None,
+        decoupled_weight_decay=False,
+        backend="auto",
+    ):
         if fused and foreach:
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
-        defaults = {"lr": lr, "betas": tuple(_beta(b, i) for i, b in enumerate(betas)), "eps": eps, "weight_decay": weight_decay,
-                    "amsgrad": amsgrad, "maximize": maximize, "foreach": foreach,
-                    "capturable": capturable, "differentiable": differentiable, "fused": fused,
-                    "decoupled_weight_decay": decoupled_weight_decay}
+        defaults = {
+            "lr": lr,
+            "betas": tuple(_beta(b, i) for i, b in enumerate(betas)),
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "amsgrad": amsgrad,
+            "maximize": maximize,
+            "foreach": foreach,
+            "capturable": capturable,
+            "differentiable": differentiable,
+            "fused": fused,
+            "decoupled_weight_decay": decoupled_weight_decay,
+        }
         self._validate(defaults)
         super().__init__(params, defaults, backend)
 
@@ -51,17 +74,30 @@ class Adam(FusedOptimizer):
                 raise ValueError(f"Invalid beta parameter at index {i}: {b}")
 
     def _group_key_defaults(self):
-        return {"amsgrad": False, "maximize": False, "foreach": None, "capturable": False,
-                "differentiable": False, "fused": None, "decoupled_weight_decay": False}
+        return {
+            "amsgrad": False,
+            "maximize": False,
+            "foreach": None,
+            "capturable": False,
+            "differentiable": False,
+            "fused": None,
+            "decoupled_weight_decay": False,
+        }
 
     def _needed(self, group):
         return (True, True, bool(group["amsgrad"]))
 
     def _hyper(self, group):
         beta1, beta2 = group["betas"]
-        return {"beta1": beta1, "beta2": beta2, "eps": group["eps"],
-                "weight_decay": group["weight_decay"], "amsgrad": group["amsgrad"],
-                "maximize": group["maximize"], "decoupled": group["decoupled_weight_decay"]}
+        return {
+            "beta1": beta1,
+            "beta2": beta2,
+            "eps": group["eps"],
+            "weight_decay": group["weight_decay"],
+            "amsgrad": group["amsgrad"],
+            "maximize": group["maximize"],
+            "decoupled": group["decoupled_weight_decay"],
+        }
 
     def add_param_group(self, param_group):
         if "betas" in param_group:
@@ -72,12 +108,37 @@ class Adam(FusedOptimizer):
 class AdamW(Adam):
     """AdamW (decoupled weight decay, default 1e-2), fused. See :class:`Adam`."""
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
-                 amsgrad=False, *, maximize=False, foreach=None, capturable=False,
-                 differentiable=False, fused=None, backend="auto"):
-        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
-                         maximize=maximize, capturable=capturable, differentiable=differentiable,
-                         fused=fused, decoupled_weight_decay=True, backend=backend)
+    def __init__(
+        self,
+        params,
+        lr=1e-3,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=1e-2,
+        amsgrad=False,
+        *,
+        maximize=False,
+        foreach=None,
+        capturable=False,
+        differentiable=False,
+        fused=None,
+        backend="auto",
+    ):
+        super().__init__(
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            amsgrad,
+            foreach=foreach,
+            maximize=maximize,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
+            decoupled_weight_decay=True,
+            backend=backend,
+        )
 
     def __setstate__(self, state):
         super().__setstate__(state)

@@ -54,12 +54,13 @@ class DeviceWork:
 
 
 def _is_dense(t):
-    """True when ``t`` covers exactly ``numel`` consecutive elements from ``data_ptr`` (any order)."""
+    """True when ``t`` covers exactly ``numel`` consecutive elements from ``data_ptr``."""
     if t.numel() <= 1:
         return True
     expected = 1
-    for size, stride in sorted(((s, st) for s, st in zip(t.shape, t.stride()) if s != 1),
-                               key=lambda x: x[1]):
+    for size, stride in sorted(
+        ((s, st) for s, st in zip(t.shape, t.stride()) if s != 1), key=lambda x: x[1]
+    ):
         if stride != expected:
             return False
         expected *= size
@@ -193,19 +194,29 @@ class FusedOptimizer(torch.optim.Optimizer):
                 # torch.optim has no counter, or a stale one that torch carried along unchanged:
                 # the parameters' steps then say how far the schedule has gone.
                 device = self._noam_device(group)
-                counts = [torch.as_tensor(self.state[p]["step"]).to(device, torch.float32)
-                          for p in group["params"] if "step" in self.state.get(p, {})]
+                counts = [
+                    torch.as_tensor(self.state[p]["step"]).to(device, torch.float32)
+                    for p in group["params"]
+                    if "step" in self.state.get(p, {})
+                ]
                 if group.get("noam_step") is not None:
                     counts.append(torch.as_tensor(group["noam_step"]).to(device, torch.float32))
-                group["noam_step"] = (torch.stack(counts).max().reshape(()) if counts else
-                                      torch.zeros((), dtype=torch.float32, device=device))
+                group["noam_step"] = (
+                    torch.stack(counts).max().reshape(())
+                    if counts
+                    else torch.zeros((), dtype=torch.float32, device=device)
+                )
             for p in group["params"]:
                 st = self.state.get(p)
                 if not st:
                     continue
                 if "step" in st:
-                    st["step"] = torch.as_tensor(st["step"], dtype=torch.float32).to(
-                        p.device).clone().reshape(())
+                    st["step"] = (
+                        torch.as_tensor(st["step"], dtype=torch.float32)
+                        .to(p.device)
+                        .clone()
+                        .reshape(())
+                    )
                 for name in self._state_names:
                     if name in st:
                         st[name] = _to_param_layout(st[name], p)
@@ -225,7 +236,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         if len(devices) > 1:
             raise ValueError(
                 "fusedopt: a param group with a Noam lr must keep all its parameters on one device "
-                f"(its on-device step counter lives there); found {sorted(map(str, devices))}")
+                f"(its on-device step counter lives there); found {sorted(map(str, devices))}"
+            )
         return devices.pop() if devices else torch.device("cpu")
 
     def _backend_for(self, device):
@@ -246,17 +258,20 @@ class FusedOptimizer(torch.optim.Optimizer):
                 if p.dtype not in _SUPPORTED_DTYPES:
                     raise TypeError(
                         f"fusedopt.{name} supports float32, float16 and bfloat16 parameters; "
-                        f"got {p.dtype} (parameter of shape {tuple(p.shape)})")
+                        f"got {p.dtype} (parameter of shape {tuple(p.shape)})"
+                    )
                 if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
                     raise ValueError(
                         f"fusedopt.{name}: gradient ({tuple(g.shape)}, {g.dtype}, {g.device}) does "
-                        f"not match its parameter ({tuple(p.shape)}, {p.dtype}, {p.device})")
+                        f"not match its parameter ({tuple(p.shape)}, {p.dtype}, {p.device})"
+                    )
                 if not _is_dense(p):
                     raise ValueError(
                         f"fusedopt.{name}: a parameter of shape {tuple(p.shape)} with strides "
                         f"{p.stride()} is not dense in memory; the fused kernels update "
                         "parameters in place and cannot update it without a copy. Make the "
-                        "parameter contiguous before building the optimizer.")
+                        "parameter contiguous before building the optimizer."
+                    )
                 by_device.setdefault(p.device, []).append((gi, p, g))
             if isinstance(group["lr"], Noam):
                 # The counter advances every step, as LambdaLR does, even with no grads.
@@ -301,8 +316,11 @@ class FusedOptimizer(torch.optim.Optimizer):
                 return GroupLR(LR_FLOAT)  # the group has no tensor here; its counter is elsewhere
             counter = group.get("noam_step")
             if counter is None or counter.device != device:
-                counter = (torch.zeros((), dtype=torch.float32, device=device) if counter is None
-                           else counter.to(device=device, dtype=torch.float32))
+                counter = (
+                    torch.zeros((), dtype=torch.float32, device=device)
+                    if counter is None
+                    else counter.to(device=device, dtype=torch.float32)
+                )
                 group["noam_step"] = counter
             return GroupLR(LR_NOAM, noam=lr, counter=counter)
         if isinstance(lr, torch.Tensor):

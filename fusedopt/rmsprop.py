@@ -15,12 +15,34 @@ class RMSprop(FusedOptimizer):
     _op = "rmsprop"
     _state_names = ("square_avg", "momentum_buffer", "grad_avg")
 
-    def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0,
-                 centered=False, capturable=False, foreach=None, maximize=False,
-                 differentiable=False, *, backend="auto"):
-        defaults = {"lr": lr, "momentum": momentum, "alpha": alpha, "eps": eps,
-                    "centered": centered, "weight_decay": weight_decay, "capturable": capturable,
-                    "foreach": foreach, "maximize": maximize, "differentiable": differentiable}
+    def __init__(
+        self,
+        params,
+        lr=1e-2,
+        alpha=0.99,
+        eps=1e-8,
+        weight_decay=0,
+        momentum=0,
+        centered=False,
+        capturable=False,
+        foreach=None,
+        maximize=False,
+        differentiable=False,
+        *,
+        backend="auto",
+    ):
+        defaults = {
+            "lr": lr,
+            "momentum": momentum,
+            "alpha": alpha,
+            "eps": eps,
+            "centered": centered,
+            "weight_decay": weight_decay,
+            "capturable": capturable,
+            "foreach": foreach,
+            "maximize": maximize,
+            "differentiable": differentiable,
+        }
         self._validate(defaults)
         super().__init__(params, defaults, backend)
 
@@ -32,13 +54,24 @@ class RMSprop(FusedOptimizer):
             raise ValueError(f"Invalid alpha value: {group['alpha']}")
 
     def _group_key_defaults(self):
-        return {"momentum": 0, "centered": False, "foreach": None, "maximize": False,
-                "differentiable": False, "capturable": False}
+        return {
+            "momentum": 0,
+            "centered": False,
+            "foreach": None,
+            "maximize": False,
+            "differentiable": False,
+            "capturable": False,
+        }
 
     def _needed(self, group):
         return (True, group["momentum"] > 0, bool(group["centered"]))
 
     def _hyper(self, group):
-        return {"alpha": group["alpha"], "eps": group["eps"], "weight_decay": group["weight_decay"],
-                "momentum": group["momentum"], "centered": group["centered"],
-                "maximize": group["maximize"]}
+        return {
+            "alpha": group["alpha"],
+            "eps": group["eps"],
+            "weight_decay": group["weight_decay"],
+            "momentum": group["momentum"],
+            "centered": group["centered"],
+            "maximize": group["maximize"],
+        }

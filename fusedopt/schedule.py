@@ -25,9 +25,9 @@ class Noam:
     """The schedule itself: ``Noam(d_model, warmup, factor=1.0)``.
 
     ``rate(t)`` evaluates it on the host (``t`` a number >= 1) or elementwise on a tensor of steps.
-    Passed as ``lr=Noam(...)`` to a fusedopt optimizer (or in one param group), the kernel computes the
-    rate of each ``step()`` from the group's on-device counter, so nothing syncs with the host; the
-    results equal torch.optim with ``lr=1.0`` and ``LambdaLR(opt, lambda e: noam.rate(e + 1))``.
+    Passed as ``lr=Noam(...)`` to a fusedopt optimizer (or in one param group), the kernel computes
+    the rate of each ``step()`` from the group's on-device counter, so nothing syncs with the host;
+    the results equal torch.optim with ``lr=1.0`` and ``LambdaLR(opt, lambda e: noam.rate(e + 1))``.
     """
 
     def __init__(self, d_model, warmup, factor=1.0):
@@ -41,12 +41,12 @@ class Noam:
     @property
     def scale(self):
         """``factor * d_model**-0.5``, the constant in front of the schedule."""
-        return self.factor * self.d_model ** -0.5
+        return self.factor * self.d_model**-0.5
 
     @property
     def warmup_coeff(self):
         """``warmup**-1.5``, the slope of the linear warm-up."""
-        return self.warmup ** -1.5
+        return self.warmup**-1.5
 
     def rate(self, t):
         if isinstance(t, torch.Tensor):
@@ -54,18 +54,20 @@ class Noam:
             return self.scale * torch.minimum(t.rsqrt(), t * self.warmup_coeff)
         if not t >= 1:
             raise ValueError(f"Noam.rate is defined for t >= 1, got {t}")
-        return self.scale * min(t ** -0.5, t * self.warmup_coeff)
+        return self.scale * min(t**-0.5, t * self.warmup_coeff)
 
     def _not_a_number(self, *_):
         raise TypeError(
-            "fusedopt.Noam is a schedule evaluated inside the optimizer step, not a number: a torch "
-            "LR scheduler cannot scale it. Use either lr=fusedopt.Noam(...) with no scheduler, or a "
-            "float lr with fusedopt.NoamLR / LambdaLR.")
+            "fusedopt.Noam is a schedule evaluated inside the optimizer step, not a number: "
+            "a torch LR scheduler cannot scale it. Use either lr=fusedopt.Noam(...) with no "
+            "scheduler, or a "
+            "float lr with fusedopt.NoamLR / LambdaLR."
+        )
 
     __mul__ = __rmul__ = __truediv__ = __add__ = __radd__ = __float__ = _not_a_number
 
     def to_dict(self):
-        """Plain-data form, as stored in a state_dict (loadable with ``torch.load(weights_only=True)``)."""
+        """Plain data, as stored in a state_dict (``torch.load(weights_only=True)`` accepts it)."""
         return {"d_model": self.d_model, "warmup": self.warmup, "factor": self.factor}
 
     @classmethod
@@ -85,10 +87,10 @@ class Noam:
 class NoamLR(LRScheduler):
     """``NoamLR(optimizer, d_model, warmup, factor=1.0)``: sets every group's lr to ``rate(t)``.
 
-    For any optimizer (torch.optim's included). ``t`` is the number of ``scheduler.step()`` calls plus
-    one, so the first optimizer step runs with ``rate(1)``: the same rates as ``LambdaLR(opt,
-    lambda e: rate(e + 1))`` on an optimizer built with ``lr=1.0``. The group's initial lr is not used:
-    ``factor`` sets the scale.
+    For any optimizer (torch.optim's included). ``t`` is the number of ``scheduler.step()`` calls
+    plus one, so the first optimizer step runs with ``rate(1)``: the same rates as
+    ``LambdaLR(opt, lambda e: rate(e + 1))`` on an optimizer built with ``lr=1.0``. The group's
+    initial lr is not used: ``factor`` sets the scale.
     """
 
     def __init__(self, optimizer, d_model, warmup, factor=1.0, last_epoch=-1):
@@ -98,8 +100,10 @@ class NoamLR(LRScheduler):
     def get_lr(self):
         for group in self.optimizer.param_groups:
             if isinstance(group["lr"], Noam):
-                raise TypeError("NoamLR would replace a group's in-kernel fusedopt.Noam lr with a "
-                                "float; use one or the other")
+                raise TypeError(
+                    "NoamLR would replace a group's in-kernel fusedopt.Noam lr with a "
+                    "float; use one or the other"
+                )
         return [self.noam.rate(self.last_epoch + 1) for _ in self.optimizer.param_groups]
 
     def state_dict(self):

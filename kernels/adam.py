@@ -12,9 +12,28 @@ import triton
 import triton.language as tl
 
 from .. import _layout as L
-from .multi_tensor import (BLOCK, HYPER_WIDTH, ITERS, LAUNCH_OPTIONS, PROLOGUE_BLOCK, SCAL_WIDTH,
-                           T_GROUP, T_NUMEL, T_PARAM, T_S0, T_S1, T_S2, TL_DTYPE, TMETA_WIDTH,
-                           advance_steps, cast_out, chunk_grid, lerp, pow_int, resolve_group_lrs)
+from .multi_tensor import (
+    BLOCK,
+    HYPER_WIDTH,
+    ITERS,
+    LAUNCH_OPTIONS,
+    PROLOGUE_BLOCK,
+    SCAL_WIDTH,
+    T_GROUP,
+    T_NUMEL,
+    T_PARAM,
+    T_S0,
+    T_S1,
+    T_S2,
+    TL_DTYPE,
+    TMETA_WIDTH,
+    advance_steps,
+    cast_out,
+    chunk_grid,
+    lerp,
+    pow_int,
+    resolve_group_lrs,
+)
 
 H_BETA1 = tl.constexpr(L.ADAM_COLS["beta1"])
 H_BETA2 = tl.constexpr(L.ADAM_COLS["beta2"])
@@ -26,12 +45,12 @@ H_DECOUPLED = tl.constexpr(L.ADAM_COLS["decoupled"])
 
 # per-tensor scalars, written by the prologue
 S_STEP_SIZE, S_BC2_SQRT, S_P_MUL, S_G_WD, S_W1, S_BETA2, S_W2, S_EPS, S_SIGN, S_AMSGRAD = (
-    tl.constexpr(i) for i in range(10))
+    tl.constexpr(i) for i in range(10)
+)
 
 
 @triton.jit
-def _adam_prologue(tmeta, n_tensors, hyper, gptr, glr, n_groups, scal,
-                   BLOCK_T: tl.constexpr):
+def _adam_prologue(tmeta, n_tensors, hyper, gptr, glr, n_groups, scal, BLOCK_T: tl.constexpr):
     resolve_group_lrs(hyper, gptr, glr, n_groups, BLOCK_T)
     tl.debug_barrier()  # the group lrs just written are read below by other threads
     for t0 in range(0, n_tensors, BLOCK_T):
@@ -66,8 +85,16 @@ def _adam_prologue(tmeta, n_tensors, hyper, gptr, glr, n_groups, scal,
 
 
 @triton.jit
-def _adam_main(tmeta, grads, scal, chunks, DTYPE: tl.constexpr, HAS_AMSGRAD: tl.constexpr,
-               BLOCK: tl.constexpr, ITERS: tl.constexpr):
+def _adam_main(
+    tmeta,
+    grads,
+    scal,
+    chunks,
+    DTYPE: tl.constexpr,
+    HAS_AMSGRAD: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ITERS: tl.constexpr,
+):
     pid = tl.program_id(0).to(tl.int64)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -118,10 +145,26 @@ def _adam_main(tmeta, grads, scal, chunks, DTYPE: tl.constexpr, HAS_AMSGRAD: tl.
 
 def adam_step(tables, has_amsgrad):
     """One Adam/AdamW step over ``tables`` (a ``fusedopt._tables.DeviceTables``)."""
-    _adam_prologue[(1,)](tables.tmeta, tables.n_tensors, tables.hyper, tables.gptr, tables.glr,
-                         tables.hyper.shape[0], tables.scal, BLOCK_T=PROLOGUE_BLOCK, **LAUNCH_OPTIONS)
+    _adam_prologue[(1,)](
+        tables.tmeta,
+        tables.n_tensors,
+        tables.hyper,
+        tables.gptr,
+        tables.glr,
+        tables.hyper.shape[0],
+        tables.scal,
+        BLOCK_T=PROLOGUE_BLOCK,
+        **LAUNCH_OPTIONS,
+    )
     for dtype, chunks in tables.bucket_chunks:
-        _adam_main[chunk_grid(chunks)](tables.tmeta, tables.grads, tables.scal, chunks,
-                                       DTYPE=TL_DTYPE[dtype], HAS_AMSGRAD=has_amsgrad,
-                                       BLOCK=BLOCK, ITERS=ITERS, **LAUNCH_OPTIONS)
-
+        _adam_main[chunk_grid(chunks)](
+            tables.tmeta,
+            tables.grads,
+            tables.scal,
+            chunks,
+            DTYPE=TL_DTYPE[dtype],
+            HAS_AMSGRAD=has_amsgrad,
+            BLOCK=BLOCK,
+            ITERS=ITERS,
+            **LAUNCH_OPTIONS,
+        )

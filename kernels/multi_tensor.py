@@ -7,7 +7,8 @@ kernels call ``tl.fma``; where torch rounds in between (``addcdiv`` computes ``(
 adds) they do too; division and square root are the correctly rounded ``div_rn``/``sqrt_rn``.
 
 Every step runs one tiny *prologue* program per device (advance each tensor's step, advance Noam
-counters, resolve each group's lr, write per-tensor scalars such as the bias-corrected step size) and
+counters, resolve each group's lr, write per-tensor scalars such as the bias-corrected step size)
+and
 then one *main* launch per (device, dtype) bucket over chunks of every tensor. The prologue works in
 float64 so that ``1 - beta2**t`` keeps its digits for small ``t``, as torch.optim's host-side
 Python arithmetic does; the main pass reads the resulting float32 scalars.
@@ -86,7 +87,8 @@ def resolve_group_lrs(hyper, gptr, glr, n_groups, BLOCK_G: tl.constexpr):
         lr = tl.where(is_tensor, lr_t.to(tl.float64), lr)
         is_noam = live & (mode == LR_NOAM)
         c_ptr = tl.load(gptr + g * GPTR_WIDTH + G_COUNTER_PTR, mask=is_noam, other=0).to(
-            tl.pointer_type(tl.float32))
+            tl.pointer_type(tl.float32)
+        )
         count = tl.load(c_ptr, mask=is_noam, other=0.0) + 1.0
         tl.store(c_ptr, count, mask=is_noam)
         t = tl.maximum(count.to(tl.float64), 1.0)
@@ -101,7 +103,8 @@ def resolve_group_lrs(hyper, gptr, glr, n_groups, BLOCK_G: tl.constexpr):
 def advance_steps(tmeta, t, live):
     """Add one to the step of each live tensor ``t``; return the new steps as int64."""
     step_ptr = tl.load(tmeta + t * TMETA_WIDTH + T_STEP, mask=live, other=0).to(
-        tl.pointer_type(tl.float32))
+        tl.pointer_type(tl.float32)
+    )
     step = tl.load(step_ptr, mask=live, other=0.0) + 1.0
     tl.store(step_ptr, step, mask=live)
     return step.to(tl.int64)
@@ -109,7 +112,7 @@ def advance_steps(tmeta, t, live):
 
 @triton.jit
 def lerp(a, b, w):
-    """torch.lerp as torch computes it on CPU (vectorized) and CUDA: one FMA, from the nearer end."""
+    """torch.lerp as torch computes it on CPU (vectorized) and CUDA: one FMA from the nearer end."""
     d = b - a
     return tl.where(w < 0.5, tl.fma(w, d, a), tl.fma(w - 1.0, d, b))
 

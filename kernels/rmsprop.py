@@ -13,9 +13,27 @@ import triton
 import triton.language as tl
 
 from .. import _layout as L
-from .multi_tensor import (BLOCK, HYPER_WIDTH, ITERS, LAUNCH_OPTIONS, PROLOGUE_BLOCK, SCAL_WIDTH, T_GROUP,
-                           T_NUMEL, T_PARAM, T_S0, T_S1, T_S2, TL_DTYPE, TMETA_WIDTH,
-                           advance_steps, cast_out, chunk_grid, lerp, resolve_group_lrs)
+from .multi_tensor import (
+    BLOCK,
+    HYPER_WIDTH,
+    ITERS,
+    LAUNCH_OPTIONS,
+    PROLOGUE_BLOCK,
+    SCAL_WIDTH,
+    T_GROUP,
+    T_NUMEL,
+    T_PARAM,
+    T_S0,
+    T_S1,
+    T_S2,
+    TL_DTYPE,
+    TMETA_WIDTH,
+    advance_steps,
+    cast_out,
+    chunk_grid,
+    lerp,
+    resolve_group_lrs,
+)
 
 H_ALPHA = tl.constexpr(L.RMSPROP_COLS["alpha"])
 H_EPS = tl.constexpr(L.RMSPROP_COLS["eps"])
@@ -24,12 +42,13 @@ H_MOMENTUM = tl.constexpr(L.RMSPROP_COLS["momentum"])
 H_CENTERED = tl.constexpr(L.RMSPROP_COLS["centered"])
 H_MAXIMIZE = tl.constexpr(L.RMSPROP_COLS["maximize"])
 
-S_LR, S_ALPHA, S_W, S_EPS, S_WD, S_MOMENTUM, S_SIGN, S_CENTERED = (tl.constexpr(i) for i in range(8))
+S_LR, S_ALPHA, S_W, S_EPS, S_WD, S_MOMENTUM, S_SIGN, S_CENTERED = (
+    tl.constexpr(i) for i in range(8)
+)
 
 
 @triton.jit
-def _rmsprop_prologue(tmeta, n_tensors, hyper, gptr, glr, n_groups, scal,
-                      BLOCK_T: tl.constexpr):
+def _rmsprop_prologue(tmeta, n_tensors, hyper, gptr, glr, n_groups, scal, BLOCK_T: tl.constexpr):
     resolve_group_lrs(hyper, gptr, glr, n_groups, BLOCK_T)
     tl.debug_barrier()  # the group lrs just written are read below by other threads
     for t0 in range(0, n_tensors, BLOCK_T):
@@ -47,16 +66,27 @@ def _rmsprop_prologue(tmeta, n_tensors, hyper, gptr, glr, n_groups, scal,
         tl.store(s + S_W, (1.0 - alpha).to(tl.float32), mask=live)
         tl.store(s + S_EPS, tl.load(h + H_EPS, mask=live, other=0.0).to(tl.float32), mask=live)
         tl.store(s + S_WD, tl.load(h + H_WD, mask=live, other=0.0).to(tl.float32), mask=live)
-        tl.store(s + S_MOMENTUM, tl.load(h + H_MOMENTUM, mask=live, other=0.0).to(tl.float32),
-                 mask=live)
+        tl.store(
+            s + S_MOMENTUM, tl.load(h + H_MOMENTUM, mask=live, other=0.0).to(tl.float32), mask=live
+        )
         tl.store(s + S_SIGN, tl.where(maximize != 0.0, -1.0, 1.0).to(tl.float32), mask=live)
-        tl.store(s + S_CENTERED, tl.load(h + H_CENTERED, mask=live, other=0.0).to(tl.float32),
-                 mask=live)
+        tl.store(
+            s + S_CENTERED, tl.load(h + H_CENTERED, mask=live, other=0.0).to(tl.float32), mask=live
+        )
 
 
 @triton.jit
-def _rmsprop_main(tmeta, grads, scal, chunks, DTYPE: tl.constexpr, HAS_CENTERED: tl.constexpr,
-                  HAS_MOMENTUM: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+def _rmsprop_main(
+    tmeta,
+    grads,
+    scal,
+    chunks,
+    DTYPE: tl.constexpr,
+    HAS_CENTERED: tl.constexpr,
+    HAS_MOMENTUM: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ITERS: tl.constexpr,
+):
     pid = tl.program_id(0).to(tl.int64)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -109,9 +139,27 @@ def _rmsprop_main(tmeta, grads, scal, chunks, DTYPE: tl.constexpr, HAS_CENTERED:
 
 def rmsprop_step(tables, has_centered, has_momentum):
     """One RMSprop step over ``tables`` (a ``fusedopt._tables.DeviceTables``)."""
-    _rmsprop_prologue[(1,)](tables.tmeta, tables.n_tensors, tables.hyper, tables.gptr, tables.glr,
-                            tables.hyper.shape[0], tables.scal, BLOCK_T=PROLOGUE_BLOCK, **LAUNCH_OPTIONS)
+    _rmsprop_prologue[(1,)](
+        tables.tmeta,
+        tables.n_tensors,
+        tables.hyper,
+        tables.gptr,
+        tables.glr,
+        tables.hyper.shape[0],
+        tables.scal,
+        BLOCK_T=PROLOGUE_BLOCK,
+        **LAUNCH_OPTIONS,
+    )
     for dtype, chunks in tables.bucket_chunks:
-        _rmsprop_main[chunk_grid(chunks)](tables.tmeta, tables.grads, tables.scal, chunks,
-                                          DTYPE=TL_DTYPE[dtype], HAS_CENTERED=has_centered,
-                                          HAS_MOMENTUM=has_momentum, BLOCK=BLOCK, ITERS=ITERS, **LAUNCH_OPTIONS)
+        _rmsprop_main[chunk_grid(chunks)](
+            tables.tmeta,
+            tables.grads,
+            tables.scal,
+            chunks,
+            DTYPE=TL_DTYPE[dtype],
+            HAS_CENTERED=has_centered,
+            HAS_MOMENTUM=has_momentum,
+            BLOCK=BLOCK,
+            ITERS=ITERS,
+            **LAUNCH_OPTIONS,
+        )

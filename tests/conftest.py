@@ -29,4 +29,5 @@ def require_backend():
         reason = backends.unavailable(name, device)
         if reason is not None:
             pytest.skip(f"backend {name!r} unavailable on {device}: {reason}")
+
     return check

@@ -28,8 +28,7 @@ UPDATE_SCALE_RTOL = 1e-5
 
 def make_params(shapes=SHAPES, dtype=torch.float32, device="cpu", seed=0):
     gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype).to(device)
-            for s in shapes]
+    return [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype).to(device) for s in shapes]
 
 
 def clone_params(tensors, dtype=None):
@@ -66,8 +65,9 @@ def train(opt, params, steps, start=0, none=None, sched=None, seed=1):
 
 def _close(actual, expected, msg, rtol, atol, scale=0.0):
     expected = expected.detach().cpu()
-    torch.testing.assert_close(actual.detach().cpu(), expected, rtol=rtol, atol=atol + scale,
-                               msg=msg)
+    torch.testing.assert_close(
+        actual.detach().cpu(), expected, rtol=rtol, atol=atol + scale, msg=msg
+    )
 
 
 def _max_abs(t):
@@ -89,8 +89,13 @@ def assert_same(ref_opt, ref_params, opt, params, **tol):
                 assert vb.dtype == torch.float32 and vb.dim() == 0
                 continue
             assert vb.dtype == b.dtype and vb.shape == b.shape
-            _close(vb, va, lambda m, i=i, key=key: f"param {i} {key}: {m}",
-                   scale=STATE_SCALE_RTOL * _max_abs(va), **tol)
+            _close(
+                vb,
+                va,
+                lambda m, i=i, key=key: f"param {i} {key}: {m}",
+                scale=STATE_SCALE_RTOL * _max_abs(va),
+                **tol,
+            )
 
 
 def roundtrip(state_dict):
@@ -103,8 +108,12 @@ def roundtrip(state_dict):
 
 def max_err(tensors, reference, norm="max"):
     """Error of ``tensors`` against ``reference`` over all their elements: max abs or RMS."""
-    diff = torch.cat([(t.detach().double().cpu() - r.detach().double().cpu()).reshape(-1)
-                      for t, r in zip(tensors, reference)])
+    diff = torch.cat(
+        [
+            (t.detach().double().cpu() - r.detach().double().cpu()).reshape(-1)
+            for t, r in zip(tensors, reference)
+        ]
+    )
     if norm == "max":
         return diff.abs().max().item()
     return diff.pow(2).mean().sqrt().item()

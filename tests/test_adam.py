@@ -5,18 +5,31 @@ import itertools
 import pytest
 import torch
 from conftest import backend_device_params
-from parity import (FP32, SHAPES, assert_same, clone_params, make_params, max_err, set_grads,
-                    grads, train)
+from parity import (
+    FP32,
+    SHAPES,
+    assert_same,
+    clone_params,
+    grads,
+    make_params,
+    max_err,
+    set_grads,
+    train,
+)
 
 import fusedopt
 
 BACKENDS = backend_device_params()
 
 OPTIONS = [
-    pytest.param(cls, dict(amsgrad=a, maximize=m, weight_decay=wd),
-                 id=f"{cls}-ams{int(a)}-max{int(m)}-wd{wd}")
-    for cls, a, m, wd in itertools.product(("Adam", "AdamW"), (False, True), (False, True),
-                                           (0.0, 0.1))
+    pytest.param(
+        cls,
+        dict(amsgrad=a, maximize=m, weight_decay=wd),
+        id=f"{cls}-ams{int(a)}-max{int(m)}-wd{wd}",
+    )
+    for cls, a, m, wd in itertools.product(
+        ("Adam", "AdamW"), (False, True), (False, True), (0.0, 0.1)
+    )
 ]
 
 
@@ -24,16 +37,21 @@ def pair(cls, params, **kw):
     backend = kw.pop("backend")
     ref = clone_params(params)
     ours = clone_params(params)
-    return (ref, getattr(torch.optim, cls)(ref, **kw),
-            ours, getattr(fusedopt, cls)(ours, backend=backend, **kw))
+    return (
+        ref,
+        getattr(torch.optim, cls)(ref, **kw),
+        ours,
+        getattr(fusedopt, cls)(ours, backend=backend, **kw),
+    )
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("cls,options", OPTIONS)
 def test_parity_fp32(backend, device, cls, options, require_backend):
     require_backend(backend, device)
-    ref, ropt, ours, opt = pair(cls, make_params(device=device), backend=backend, lr=3e-2,
-                                **options)
+    ref, ropt, ours, opt = pair(
+        cls, make_params(device=device), backend=backend, lr=3e-2, **options
+    )
     train(ropt, ref, 6)
     train(opt, ours, 6)
     assert_same(ropt, ref, opt, ours)
@@ -43,8 +61,15 @@ def test_parity_fp32(backend, device, cls, options, require_backend):
 def test_betas_lerp_branches_and_eps(backend, device, require_backend):
     """beta1 < 0.5 takes torch.lerp's other formula; a large eps dominates the denominator."""
     require_backend(backend, device)
-    ref, ropt, ours, opt = pair("AdamW", make_params(device=device), backend=backend, lr=1e-2,
-                                betas=(0.3, 0.5), eps=0.5, weight_decay=0.3)
+    ref, ropt, ours, opt = pair(
+        "AdamW",
+        make_params(device=device),
+        backend=backend,
+        lr=1e-2,
+        betas=(0.3, 0.5),
+        eps=0.5,
+        weight_decay=0.3,
+    )
     train(ropt, ref, 5)
     train(opt, ours, 5)
     assert_same(ropt, ref, opt, ours)
@@ -55,8 +80,11 @@ def test_groups_with_different_options(backend, device, require_backend):
     """Several groups, each with its own lr/betas/decay/amsgrad/maximize, in one fused pass."""
     require_backend(backend, device)
     params = make_params(device=device)
-    specs = [dict(lr=1e-2), dict(lr=3e-2, betas=(0.8, 0.99), amsgrad=True, weight_decay=0.2),
-             dict(lr=5e-3, maximize=True, eps=1e-6)]
+    specs = [
+        dict(lr=1e-2),
+        dict(lr=3e-2, betas=(0.8, 0.99), amsgrad=True, weight_decay=0.2),
+        dict(lr=5e-3, maximize=True, eps=1e-6),
+    ]
 
     def build(mod, ps, **kw):
         groups = [dict(params=ps[i::3], **spec) for i, spec in enumerate(specs)]
@@ -78,8 +106,9 @@ def test_params_without_grads_some_steps(backend, device, require_backend):
     def none(step, i):
         return i == 2 and step < 3 or (step + i) % 3 == 0
 
-    ref, ropt, ours, opt = pair("Adam", make_params(device=device), backend=backend, lr=1e-2,
-                                amsgrad=True)
+    ref, ropt, ours, opt = pair(
+        "Adam", make_params(device=device), backend=backend, lr=1e-2, amsgrad=True
+    )
     set_grads(ours, grads(0, ours, none=none))
     opt.step()
     assert ours[2] not in opt.state or not opt.state[ours[2]]
@@ -122,10 +151,13 @@ def test_torch_lr_schedulers(backend, device, lr_kind, sched, require_backend):
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("cls,options", [
-    pytest.param("AdamW", dict(weight_decay=0.1), id="adamw"),
-    pytest.param("Adam", dict(amsgrad=True, weight_decay=0.1), id="adam-amsgrad"),
-])
+@pytest.mark.parametrize(
+    "cls,options",
+    [
+        pytest.param("AdamW", dict(weight_decay=0.1), id="adamw"),
+        pytest.param("Adam", dict(amsgrad=True, weight_decay=0.1), id="adam-amsgrad"),
+    ],
+)
 def test_low_precision_against_float64(backend, device, dtype, cls, options, require_backend):
     """bf16/fp16 parameters: fusedopt's error against a float64 run of torch.optim is at most
     twice torch.optim's own error at that precision, for params and every state tensor, in both
@@ -149,13 +181,18 @@ def test_low_precision_against_float64(backend, device, dtype, cls, options, req
             o.step()
     keys = [k for k in o64.state[ref64[1]] if k != "step"]
     for key in [None] + keys:
-        pick = (lambda o, ps: list(ps)) if key is None else (
-            lambda o, ps, key=key: [o.state[p][key] for p in ps])
+        pick = (
+            (lambda o, ps: list(ps))
+            if key is None
+            else (lambda o, ps, key=key: [o.state[p][key] for p in ps])
+        )
         ref = pick(o64, ref64)
         for norm in ("max", "rms"):
             err_ours = max_err(pick(opt, ours), ref, norm)
             err_torch = max_err(pick(olow, lowp), ref, norm)
-            assert err_ours <= 2 * err_torch, f"{key or 'param'} {norm}: {err_ours} > 2 * {err_torch}"
+            assert err_ours <= 2 * err_torch, (
+                f"{key or 'param'} {norm}: {err_ours} > 2 * {err_torch}"
+            )
     for p in ours:
         assert all(opt.state[p][k].dtype == dtype for k in opt.state[p] if k != "step")
 

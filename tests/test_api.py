@@ -12,17 +12,35 @@ import fusedopt
 from fusedopt import _tables, backends
 
 BAD = {
-    "Adam": [dict(lr=-1.0), dict(lr=float("nan")), dict(eps=-1e-8), dict(betas=(1.0, 0.999)),
-             dict(betas=(0.9, -0.1)), dict(weight_decay=-0.1)],
-    "AdamW": [dict(lr=-1e-3), dict(betas=(-0.1, 0.9)), dict(betas=(0.9, 1.0)),
-              dict(weight_decay=float("nan"))],
-    "RMSprop": [dict(lr=-1.0), dict(eps=-1.0), dict(momentum=-0.5), dict(weight_decay=-1.0),
-                dict(alpha=-0.9)],
+    "Adam": [
+        dict(lr=-1.0),
+        dict(lr=float("nan")),
+        dict(eps=-1e-8),
+        dict(betas=(1.0, 0.999)),
+        dict(betas=(0.9, -0.1)),
+        dict(weight_decay=-0.1),
+    ],
+    "AdamW": [
+        dict(lr=-1e-3),
+        dict(betas=(-0.1, 0.9)),
+        dict(betas=(0.9, 1.0)),
+        dict(weight_decay=float("nan")),
+    ],
+    "RMSprop": [
+        dict(lr=-1.0),
+        dict(eps=-1.0),
+        dict(momentum=-0.5),
+        dict(weight_decay=-1.0),
+        dict(alpha=-0.9),
+    ],
 }
 
 
-@pytest.mark.parametrize("cls,kw", [(c, k) for c, ks in BAD.items() for k in ks],
-                         ids=lambda x: x if isinstance(x, str) else "-".join(map(str, x)))
+@pytest.mark.parametrize(
+    "cls,kw",
+    [(c, k) for c, ks in BAD.items() for k in ks],
+    ids=lambda x: x if isinstance(x, str) else "-".join(map(str, x)),
+)
 def test_bad_hyperparameters_give_torchs_message(cls, kw):
     p = torch.nn.Parameter(torch.randn(3))
     with pytest.raises(ValueError) as expected:
@@ -44,8 +62,10 @@ def test_bad_param_group_rejected_before_any_change():
 
 
 def _snapshot(opt, params):
-    return ([p.detach().clone() for p in params],
-            {i: {k: v.clone() for k, v in opt.state[p].items()} for i, p in enumerate(params)})
+    return (
+        [p.detach().clone() for p in params],
+        {i: {k: v.clone() for k, v in opt.state[p].items()} for i, p in enumerate(params)},
+    )
 
 
 def _assert_unchanged(opt, params, snap):
@@ -58,8 +78,9 @@ def _assert_unchanged(opt, params, snap):
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
-@pytest.mark.parametrize("breakage", ["group_lr", "grad_shape", "grad_dtype", "sparse",
-                                      "float64_param"])
+@pytest.mark.parametrize(
+    "breakage", ["group_lr", "grad_shape", "grad_dtype", "sparse", "float64_param"]
+)
 def test_bad_step_input_changes_nothing(backend, breakage):
     if backends.unavailable(backend, "cpu"):
         pytest.skip(backends.unavailable(backend, "cpu"))
@@ -119,15 +140,18 @@ def test_backend_names_and_auto_selection(monkeypatch):
 
 
 def test_triton_on_cpu_without_interpreter_says_why():
-    code = ("import torch, fusedopt\n"
-            "p = torch.nn.Parameter(torch.randn(3))\n"
-            "try:\n"
-            "    fusedopt.Adam([p], backend='triton')\n"
-            "except RuntimeError as e:\n"
-            "    print(e)\n")
+    code = (
+        "import torch, fusedopt\n"
+        "p = torch.nn.Parameter(torch.randn(3))\n"
+        "try:\n"
+        "    fusedopt.Adam([p], backend='triton')\n"
+        "except RuntimeError as e:\n"
+        "    print(e)\n"
+    )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr
     if "not importable" not in out.stdout:
         assert "TRITON_INTERPRET=1" in out.stdout, out.stdout
@@ -152,6 +176,7 @@ def test_closure_zero_grad_and_late_param_group(backend):
             loss = torch.nn.functional.mse_loss(m(x), y)
             loss.backward()
             return loss
+
         return closure
 
     with torch.no_grad():
@@ -175,6 +200,7 @@ def test_closure_zero_grad_and_late_param_group(backend):
 class _LaunchCounter:
     def __init__(self, monkeypatch):
         from fusedopt.kernels import adam, rmsprop
+
         self.launches = []
         kinds = {type(k) for k in (adam._adam_main, adam._adam_prologue, rmsprop._rmsprop_main)}
         for kind in kinds:
@@ -183,6 +209,7 @@ class _LaunchCounter:
             def run(fn, *args, _original=original, **kwargs):
                 self.launches.append(getattr(fn, "__name__", None) or fn.fn.__name__)
                 return _original(fn, *args, **kwargs)
+
             monkeypatch.setattr(kind, "run", run)
 
 
@@ -195,11 +222,15 @@ def test_one_launch_per_dtype_bucket(cls, monkeypatch):
         pytest.skip(backends.unavailable("triton", "cpu"))
     f32 = clone_params(make_params([(3,)] * 40 + [(1030,), (0,)]))
     b16 = clone_params(make_params([(5,)] * 30, dtype=torch.bfloat16))
-    options = (dict(amsgrad=True, weight_decay=0.3) if cls == "AdamW"
-               else dict(centered=True, momentum=0.9))
-    opt = getattr(fusedopt, cls)([dict(params=f32[:20] + b16[:10]),
-                                  dict(params=f32[20:] + b16[10:], lr=1e-4, **options)],
-                                 backend="triton")
+    options = (
+        dict(amsgrad=True, weight_decay=0.3)
+        if cls == "AdamW"
+        else dict(centered=True, momentum=0.9)
+    )
+    opt = getattr(fusedopt, cls)(
+        [dict(params=f32[:20] + b16[:10]), dict(params=f32[20:] + b16[10:], lr=1e-4, **options)],
+        backend="triton",
+    )
     counter = _LaunchCounter(monkeypatch)
     for k in range(3):
         set_grads(f32 + b16, grads(k, f32 + b16))
@@ -221,8 +252,11 @@ def test_metadata_built_once_and_reused(backend, monkeypatch):
         pytest.skip(backends.unavailable(backend, "cpu"))
     builds = []
     original = _tables.DeviceTables._build_tensor_tables
-    monkeypatch.setattr(_tables.DeviceTables, "_build_tensor_tables",
-                        lambda self, work: builds.append(1) or original(self, work))
+    monkeypatch.setattr(
+        _tables.DeviceTables,
+        "_build_tensor_tables",
+        lambda self, work: builds.append(1) or original(self, work),
+    )
     params = clone_params(make_params())
     opt = fusedopt.AdamW(params, lr=1e-2, backend=backend)
     for k in range(4):

@@ -17,14 +17,17 @@ def test_step_never_syncs(backend, lr_kind, cls):
     reason = backends.unavailable(backend, "cuda")
     if reason:
         pytest.skip(reason)
-    params = clone_params(make_params(device="cuda") + make_params(dtype=torch.bfloat16,
-                                                                   device="cuda"))
-    lr = {"float": 1e-3, "tensor": torch.tensor(1e-3, device="cuda"),
-          "noam": fusedopt.Noam(64, 10)}[lr_kind]
+    params = clone_params(
+        make_params(device="cuda") + make_params(dtype=torch.bfloat16, device="cuda")
+    )
+    lr = {
+        "float": 1e-3,
+        "tensor": torch.tensor(1e-3, device="cuda"),
+        "noam": fusedopt.Noam(64, 10),
+    }[lr_kind]
     kw = dict(amsgrad=True) if cls != "RMSprop" else dict(centered=True, momentum=0.9)
     opt = getattr(fusedopt, cls)(params, lr=lr, backend=backend, **kw)
-    all_grads = [[g.cuda() if g is not None else None for g in grads(k, params)]
-                 for k in range(4)]
+    all_grads = [[g.cuda() if g is not None else None for g in grads(k, params)] for k in range(4)]
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:

@@ -14,21 +14,29 @@ BACKENDS = backend_device_params()
 
 def test_rate_formula():
     noam = fusedopt.Noam(d_model=512, warmup=4000, factor=2.0)
-    for t in (1, 2, 100, 3999, 4000, 4001, 10 ** 6):
-        expected = 2.0 * 512 ** -0.5 * min(t ** -0.5, t * 4000 ** -1.5)
+    for t in (1, 2, 100, 3999, 4000, 4001, 10**6):
+        expected = 2.0 * 512**-0.5 * min(t**-0.5, t * 4000**-1.5)
         assert noam.rate(t) == pytest.approx(expected, rel=1e-15)
     rates = [noam.rate(t) for t in range(1, 10001)]
     assert max(range(len(rates)), key=rates.__getitem__) + 1 == 4000  # peak at t = warmup
     assert noam.rate(4000) == pytest.approx(2.0 / math.sqrt(512 * 4000))
     t = torch.arange(1, 50, dtype=torch.float32)
-    torch.testing.assert_close(noam.rate(t), torch.tensor([noam.rate(float(x)) for x in t],
-                                                          dtype=torch.float64))
+    torch.testing.assert_close(
+        noam.rate(t), torch.tensor([noam.rate(float(x)) for x in t], dtype=torch.float64)
+    )
 
 
-@pytest.mark.parametrize("kwargs", [dict(d_model=0, warmup=10), dict(d_model=512, warmup=0),
-                                    dict(d_model=-1, warmup=10), dict(d_model=512, warmup=-5),
-                                    dict(d_model=float("nan"), warmup=10),
-                                    dict(d_model=512, warmup=10, factor=0.0)])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(d_model=0, warmup=10),
+        dict(d_model=512, warmup=0),
+        dict(d_model=-1, warmup=10),
+        dict(d_model=512, warmup=-5),
+        dict(d_model=float("nan"), warmup=10),
+        dict(d_model=512, warmup=10, factor=0.0),
+    ],
+)
 def test_invalid_arguments(kwargs):
     with pytest.raises(ValueError, match="Invalid Noam"):
         fusedopt.Noam(**kwargs)
@@ -37,15 +45,19 @@ def test_invalid_arguments(kwargs):
 def _torch_noam(cls, params, noams, **kw):
     """torch.optim with lr=1.0 and LambdaLR(rate(e + 1)): the reference the issue names."""
     opt = getattr(torch.optim, cls)(params, lr=1.0, **kw)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, [lambda e, n=n: n.rate(e + 1) for n in noams])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, [lambda e, n=n: n.rate(e + 1) for n in noams])
     return opt, sched
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
-@pytest.mark.parametrize("cls,kw", [("Adam", dict(betas=(0.9, 0.98), eps=1e-9)),
-                                    ("AdamW", dict(betas=(0.9, 0.98), eps=1e-9, amsgrad=True)),
-                                    ("RMSprop", dict(momentum=0.5, centered=True))])
+@pytest.mark.parametrize(
+    "cls,kw",
+    [
+        ("Adam", dict(betas=(0.9, 0.98), eps=1e-9)),
+        ("AdamW", dict(betas=(0.9, 0.98), eps=1e-9, amsgrad=True)),
+        ("RMSprop", dict(momentum=0.5, centered=True)),
+    ],
+)
 def test_in_kernel_noam_equals_lambdalr(backend, device, cls, kw, require_backend):
     """Including steps where some or all parameters have no grad: the schedule advances once per
     step() call, as LambdaLR does, while each parameter's own step counts its updates."""
@@ -79,12 +91,24 @@ def test_noam_per_group(backend, device, require_backend):
     n2 = fusedopt.Noam(d_model=128, warmup=5, factor=4.0)
     params = make_params(device=device)
     ref, ours = clone_params(params), clone_params(params)
-    ropt = torch.optim.AdamW([dict(params=ref[0::3], lr=1.0), dict(params=ref[1::3], lr=3e-3),
-                              dict(params=ref[2::3], lr=1.0)])
+    ropt = torch.optim.AdamW(
+        [
+            dict(params=ref[0::3], lr=1.0),
+            dict(params=ref[1::3], lr=3e-3),
+            dict(params=ref[2::3], lr=1.0),
+        ]
+    )
     sched = torch.optim.lr_scheduler.LambdaLR(
-        ropt, [lambda e: n1.rate(e + 1), lambda e: 1.0, lambda e: n2.rate(e + 1)])
-    opt = fusedopt.AdamW([dict(params=ours[0::3], lr=n1), dict(params=ours[1::3], lr=3e-3),
-                          dict(params=ours[2::3], lr=n2)], backend=backend)
+        ropt, [lambda e: n1.rate(e + 1), lambda e: 1.0, lambda e: n2.rate(e + 1)]
+    )
+    opt = fusedopt.AdamW(
+        [
+            dict(params=ours[0::3], lr=n1),
+            dict(params=ours[1::3], lr=3e-3),
+            dict(params=ours[2::3], lr=n2),
+        ],
+        backend=backend,
+    )
     for k in range(7):
         for o, ps in ((ropt, ref), (opt, ours)):
             set_grads(ps, grads(k, ps))

@@ -12,8 +12,10 @@ import fusedopt
 BACKENDS = backend_device_params()
 
 OPTIONS = [
-    pytest.param(dict(centered=c, momentum=mo, weight_decay=wd, maximize=mx),
-                 id=f"cent{int(c)}-mom{mo}-wd{wd}-max{int(mx)}")
+    pytest.param(
+        dict(centered=c, momentum=mo, weight_decay=wd, maximize=mx),
+        id=f"cent{int(c)}-mom{mo}-wd{wd}-max{int(mx)}",
+    )
     for c, mo, wd, mx in itertools.product((False, True), (0.0, 0.9), (0.0, 0.1), (False, True))
 ]
 
@@ -36,12 +38,14 @@ def test_groups_and_missing_grads(backend, device, require_backend):
     """Groups with different options share one pass; grads come and go per parameter."""
     require_backend(backend, device)
     params = make_params(device=device)
-    specs = [dict(lr=1e-2), dict(lr=3e-3, centered=True, momentum=0.5, alpha=0.9),
-             dict(momentum=0.9, weight_decay=0.2, maximize=True)]
+    specs = [
+        dict(lr=1e-2),
+        dict(lr=3e-3, centered=True, momentum=0.5, alpha=0.9),
+        dict(momentum=0.9, weight_decay=0.2, maximize=True),
+    ]
 
     def build(mod, ps, **kw):
-        return mod.RMSprop([dict(params=ps[i::3], **s) for i, s in enumerate(specs)], lr=5e-3,
-                           **kw)
+        return mod.RMSprop([dict(params=ps[i::3], **s) for i, s in enumerate(specs)], lr=5e-3, **kw)
 
     def none(step, i):
         return (step * 7 + i) % 4 == 0
@@ -60,7 +64,11 @@ def test_low_precision_against_float64(backend, device, dtype, require_backend):
     (max and RMS, params and every state); see test_adam for the choice of eps and sizes."""
     require_backend(backend, device)
     params = make_params(SHAPES + [(4096,)], device=device, dtype=dtype)
-    ref64, lowp, ours = clone_params(params, torch.float64), clone_params(params), clone_params(params)
+    ref64, lowp, ours = (
+        clone_params(params, torch.float64),
+        clone_params(params),
+        clone_params(params),
+    )
     kw = dict(lr=1e-3, eps=1e-6, centered=True, momentum=0.9, weight_decay=0.1)
     o64, olow = torch.optim.RMSprop(ref64, **kw), torch.optim.RMSprop(lowp, **kw)
     opt = fusedopt.RMSprop(ours, backend=backend, **kw)
@@ -70,9 +78,14 @@ def test_low_precision_against_float64(backend, device, dtype, require_backend):
             set_grads(ps, gs)
             o.step()
     for key in [None, "square_avg", "momentum_buffer", "grad_avg"]:
-        pick = (lambda o, ps: list(ps)) if key is None else (
-            lambda o, ps, key=key: [o.state[p][key] for p in ps])
+        pick = (
+            (lambda o, ps: list(ps))
+            if key is None
+            else (lambda o, ps, key=key: [o.state[p][key] for p in ps])
+        )
         for norm in ("max", "rms"):
             err_ours = max_err(pick(opt, ours), pick(o64, ref64), norm)
             err_torch = max_err(pick(olow, lowp), pick(o64, ref64), norm)
-            assert err_ours <= 2 * err_torch, f"{key or 'param'} {norm}: {err_ours} > 2 * {err_torch}"
+            assert err_ours <= 2 * err_torch, (
+                f"{key or 'param'} {norm}: {err_ours} > 2 * {err_torch}"
+            )

@@ -68,7 +68,8 @@ def test_same_keys_as_torch(cls, kw):
     rs, s = ropt.state_dict(), opt.state_dict()
     assert [sorted(g) for g in s["param_groups"]] == [sorted(g) for g in rs["param_groups"]]
     assert {k: sorted(v) for k, v in s["state"].items()} == {
-        k: sorted(v) for k, v in rs["state"].items()}
+        k: sorted(v) for k, v in rs["state"].items()
+    }
     for st in s["state"].values():
         assert st["step"].dtype == torch.float32 and st["step"].dim() == 0
 

@@ -15,8 +15,13 @@ def test_kernels_compile_for_nvidia_targets():
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     script = Path(__file__).with_name("triton_aot.py")
-    out = subprocess.run([sys.executable, str(script), "80", "90"], env=env, capture_output=True,
-                         text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, str(script), "80", "90"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if out.returncode != 0 and "ptxas" in out.stderr and "not found" in out.stderr:
         pytest.skip("this triton build has no ptxas to compile with")
     assert out.returncode == 0, out.stderr[-4000:]

@@ -10,44 +10,89 @@ import json
 import sys
 
 import triton
-import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from fusedopt.kernels import adam, multi_tensor, rmsprop
 
-PROLOGUE_SIG = {"tmeta": "*i64", "n_tensors": "i32", "hyper": "*fp64", "gptr": "*i64",
-                "glr": "*fp64", "n_groups": "i32", "scal": "*fp32", "BLOCK_T": "constexpr"}
-MAIN_SIG = {"tmeta": "*i64", "grads": "*i64", "scal": "*fp32", "chunks": "*i64",
-            "DTYPE": "constexpr", "BLOCK": "constexpr", "ITERS": "constexpr"}
+PROLOGUE_SIG = {
+    "tmeta": "*i64",
+    "n_tensors": "i32",
+    "hyper": "*fp64",
+    "gptr": "*i64",
+    "glr": "*fp64",
+    "n_groups": "i32",
+    "scal": "*fp32",
+    "BLOCK_T": "constexpr",
+}
+MAIN_SIG = {
+    "tmeta": "*i64",
+    "grads": "*i64",
+    "scal": "*fp32",
+    "chunks": "*i64",
+    "DTYPE": "constexpr",
+    "BLOCK": "constexpr",
+    "ITERS": "constexpr",
+}
 
 
 def variants():
-    yield "adam_prologue", adam._adam_prologue, PROLOGUE_SIG, {"BLOCK_T": multi_tensor.PROLOGUE_BLOCK}
-    yield "rmsprop_prologue", rmsprop._rmsprop_prologue, PROLOGUE_SIG, {
-        "BLOCK_T": multi_tensor.PROLOGUE_BLOCK}
+    yield (
+        "adam_prologue",
+        adam._adam_prologue,
+        PROLOGUE_SIG,
+        {"BLOCK_T": multi_tensor.PROLOGUE_BLOCK},
+    )
+    yield (
+        "rmsprop_prologue",
+        rmsprop._rmsprop_prologue,
+        PROLOGUE_SIG,
+        {"BLOCK_T": multi_tensor.PROLOGUE_BLOCK},
+    )
     for dtype, ams in itertools.product(multi_tensor.TL_DTYPE.values(), (False, True)):
-        yield (f"adam_main[{dtype},amsgrad={ams}]", adam._adam_main,
-               {**MAIN_SIG, "HAS_AMSGRAD": "constexpr"},
-               {"DTYPE": dtype, "HAS_AMSGRAD": ams, "BLOCK": multi_tensor.BLOCK, "ITERS": 4})
-    for dtype, c, m in itertools.product(multi_tensor.TL_DTYPE.values(), (False, True),
-                                         (False, True)):
-        yield (f"rmsprop_main[{dtype},centered={c},momentum={m}]", rmsprop._rmsprop_main,
-               {**MAIN_SIG, "HAS_CENTERED": "constexpr", "HAS_MOMENTUM": "constexpr"},
-               {"DTYPE": dtype, "HAS_CENTERED": c, "HAS_MOMENTUM": m, "BLOCK": multi_tensor.BLOCK,
-                "ITERS": 4})
+        yield (
+            f"adam_main[{dtype},amsgrad={ams}]",
+            adam._adam_main,
+            {**MAIN_SIG, "HAS_AMSGRAD": "constexpr"},
+            {"DTYPE": dtype, "HAS_AMSGRAD": ams, "BLOCK": multi_tensor.BLOCK, "ITERS": 4},
+        )
+    for dtype, c, m in itertools.product(
+        multi_tensor.TL_DTYPE.values(), (False, True), (False, True)
+    ):
+        yield (
+            f"rmsprop_main[{dtype},centered={c},momentum={m}]",
+            rmsprop._rmsprop_main,
+            {**MAIN_SIG, "HAS_CENTERED": "constexpr", "HAS_MOMENTUM": "constexpr"},
+            {
+                "DTYPE": dtype,
+                "HAS_CENTERED": c,
+                "HAS_MOMENTUM": m,
+                "BLOCK": multi_tensor.BLOCK,
+                "ITERS": 4,
+            },
+        )
 
 
 def main(archs):
     for arch in archs:
         for name, fn, sig, constexprs in variants():
-            kernel = triton.compile(ASTSource(fn, sig, constexprs=constexprs),
-                                    target=GPUTarget("cuda", arch, 32),
-                                    options=dict(multi_tensor.LAUNCH_OPTIONS))
+            kernel = triton.compile(
+                ASTSource(fn, sig, constexprs=constexprs),
+                target=GPUTarget("cuda", arch, 32),
+                options=dict(multi_tensor.LAUNCH_OPTIONS),
+            )
             ptx = kernel.asm["ptx"]
-            print(json.dumps({"arch": arch, "kernel": name, "ptx_bytes": len(ptx),
-                              "cubin_bytes": len(kernel.asm["cubin"]),
-                              "fma_f32": ptx.count("fma.rn.f32")}))
+            print(
+                json.dumps(
+                    {
+                        "arch": arch,
+                        "kernel": name,
+                        "ptx_bytes": len(ptx),
+                        "cubin_bytes": len(kernel.asm["cubin"]),
+                        "fma_f32": ptx.count("fma.rn.f32"),
+                    }
+                )
+            )
 
 
 if __name__ == "__main__":

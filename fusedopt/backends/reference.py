@@ -44,8 +44,8 @@ def _adam(slot, h, lr):
     g = slot.grad.float()
     t = slot.step.to(torch.float64)
     beta1, beta2, wd = h["beta1"], h["beta2"], h["weight_decay"]
-    step_size = _f32(lr / (1.0 - beta1 ** t))
-    bc2_sqrt = _f32((1.0 - beta2 ** t).sqrt())
+    step_size = _f32(lr / (1.0 - beta1**t))
+    bc2_sqrt = _f32((1.0 - beta2**t).sqrt())
     if h["maximize"]:
         g = -g
     if wd != 0:
@@ -105,5 +105,6 @@ class TorchBackend:
         update = _adam if opt._op == "adam" else _rmsprop
         for slot in work.slots:
             update(slot, work.hyper[slot.group], lrs[slot.group])
-        opt._set_last_lr(work, [lr if glr.mode != LR_FLOAT else None
-                                for lr, glr in zip(lrs, work.lrs)])
+        opt._set_last_lr(
+            work, [lr if glr.mode != LR_FLOAT else None for lr, glr in zip(lrs, work.lrs)]
+        )

@@ -23,6 +23,7 @@ class TritonBackend:
     def _load(self):
         if self._kernels is None:
             from ..kernels import adam, multi_tensor, rmsprop
+
             self._kernels = (adam, rmsprop, multi_tensor)
         return self._kernels
 
@@ -38,8 +39,10 @@ class TritonBackend:
         if device.type == "cpu":
             if interpreted:
                 return None
-            return ("Triton runs on CPU tensors only through its interpreter: set "
-                    "TRITON_INTERPRET=1 before triton is imported")
+            return (
+                "Triton runs on CPU tensors only through its interpreter: set "
+                "TRITON_INTERPRET=1 before triton is imported"
+            )
         return f"no Triton support for {device.type} tensors in fusedopt"
 
     def _tables(self, opt, work, columns):
@@ -60,5 +63,6 @@ class TritonBackend:
             rmsprop.rmsprop_step(
                 tables,
                 has_centered=any(s.states[2] is not None for s in work.slots),
-                has_momentum=any(s.states[1] is not None for s in work.slots))
+                has_momentum=any(s.states[1] is not None for s in work.slots),
+            )
         opt._set_last_lr(work, tables.glr)
