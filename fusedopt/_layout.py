@@ -43,3 +43,19 @@ RMSPROP_COLS = {
 
 # per tensor scalars the step prologue writes and the main pass reads (float32 [T, SCAL_WIDTH])
 SCAL_WIDTH = 12
+ADAM_SCAL = (
+    "step_size",
+    "bc2_sqrt",
+    "p_mul",
+    "g_wd",
+    "w1",
+    "beta2",
+    "w2",
+    "eps",
+    "sign",
+    "amsgrad",
+)
+RMSPROP_SCAL = ("lr", "alpha", "w", "eps", "weight_decay", "momentum", "sign", "centered")
+
+# dtype codes of the native kernels
+DTYPE_CODES = {"float32": 0, "bfloat16": 1, "float16": 2}

@@ -45,7 +45,7 @@ H_DECOUPLED = tl.constexpr(L.ADAM_COLS["decoupled"])
 
 # per-tensor scalars, written by the prologue
 S_STEP_SIZE, S_BC2_SQRT, S_P_MUL, S_G_WD, S_W1, S_BETA2, S_W2, S_EPS, S_SIGN, S_AMSGRAD = (
-    tl.constexpr(i) for i in range(10)
+    tl.constexpr(L.ADAM_SCAL.index(name)) for name in L.ADAM_SCAL
 )
 
 

@@ -43,7 +43,7 @@ H_CENTERED = tl.constexpr(L.RMSPROP_COLS["centered"])
 H_MAXIMIZE = tl.constexpr(L.RMSPROP_COLS["maximize"])
 
 S_LR, S_ALPHA, S_W, S_EPS, S_WD, S_MOMENTUM, S_SIGN, S_CENTERED = (
-    tl.constexpr(i) for i in range(8)
+    tl.constexpr(L.RMSPROP_SCAL.index(name)) for name in L.RMSPROP_SCAL
 )
 
 

@@ -1,0 +1,44 @@
+// Column layout of the metadata tables every fusedopt kernel reads. Mirrors fusedopt/_layout.py
+// (tests/test_native_layout.py checks that they agree). Torch-free: CUDA and CPU kernels include it.
+#pragma once
+#include <cstdint>
+
+namespace fusedopt {
+
+// how a group's lr is obtained
+constexpr int LR_FLOAT = 0, LR_TENSOR = 1, LR_NOAM = 2;
+
+// per tensor, int64 [T, TMETA_WIDTH]
+constexpr int T_PARAM = 0, T_S0 = 1, T_S1 = 2, T_S2 = 3, T_STEP = 4, T_NUMEL = 5, T_GROUP = 6;
+constexpr int TMETA_WIDTH = 8;
+
+// per group, int64 [G, GPTR_WIDTH]
+constexpr int G_LR_PTR = 0, G_COUNTER_PTR = 1;
+constexpr int GPTR_WIDTH = 2;
+
+// per group, float64 [G, HYPER_WIDTH]
+constexpr int H_LR = 0, H_MODE = 1, H_NOAM_SCALE = 2, H_NOAM_WARMUP = 3;
+constexpr int HYPER_WIDTH = 12;
+namespace adam_col {
+constexpr int beta1 = 4, beta2 = 5, eps = 6, weight_decay = 7, amsgrad = 8, maximize = 9,
+              decoupled = 10;
+}
+namespace rmsprop_col {
+constexpr int alpha = 4, eps = 5, weight_decay = 6, momentum = 7, centered = 8, maximize = 9;
+}
+
+// per tensor scalars written by the step prologue, float32 [T, SCAL_WIDTH]
+constexpr int SCAL_WIDTH = 12;
+namespace adam_scal {
+constexpr int step_size = 0, bc2_sqrt = 1, p_mul = 2, g_wd = 3, w1 = 4, beta2 = 5, w2 = 6, eps = 7,
+              sign = 8, amsgrad = 9;
+}
+namespace rmsprop_scal {
+constexpr int lr = 0, alpha = 1, w = 2, eps = 3, weight_decay = 4, momentum = 5, sign = 6,
+              centered = 7;
+}
+
+// dtype codes
+constexpr int DTYPE_FLOAT32 = 0, DTYPE_BFLOAT16 = 1, DTYPE_FLOAT16 = 2;
+
+}  // namespace fusedopt

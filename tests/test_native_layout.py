@@ -1,0 +1,56 @@
+"""csrc/include/fusedopt/layout.h and fusedopt/_layout.py describe the same tables."""
+
+import re
+from pathlib import Path
+
+from fusedopt import _layout as L
+
+HEADER = Path(__file__).resolve().parents[1] / "csrc" / "include" / "fusedopt" / "layout.h"
+
+
+def _header_constants():
+    found, ns = {}, None
+    for line in HEADER.read_text().splitlines():
+        opened = re.match(r"namespace (\w+) \{", line)
+        if opened:
+            ns = None if opened.group(1) == "fusedopt" else opened.group(1)
+            continue
+        if line.startswith("}"):
+            ns = None
+        for name, value in re.findall(r"(\w+) = (\d+)", line):
+            found[f"{ns}.{name}" if ns else name] = int(value)
+    return found
+
+
+def test_header_matches_python_layout():
+    c = _header_constants()
+    expected = {
+        "LR_FLOAT": L.LR_FLOAT,
+        "LR_TENSOR": L.LR_TENSOR,
+        "LR_NOAM": L.LR_NOAM,
+        "T_PARAM": L.T_PARAM,
+        "T_S0": L.T_S0,
+        "T_S1": L.T_S1,
+        "T_S2": L.T_S2,
+        "T_STEP": L.T_STEP,
+        "T_NUMEL": L.T_NUMEL,
+        "T_GROUP": L.T_GROUP,
+        "TMETA_WIDTH": L.TMETA_WIDTH,
+        "G_LR_PTR": L.G_LR_PTR,
+        "G_COUNTER_PTR": L.G_COUNTER_PTR,
+        "GPTR_WIDTH": L.GPTR_WIDTH,
+        "H_LR": L.H_LR,
+        "H_MODE": L.H_MODE,
+        "H_NOAM_SCALE": L.H_NOAM_SCALE,
+        "H_NOAM_WARMUP": L.H_NOAM_WARMUP,
+        "HYPER_WIDTH": L.HYPER_WIDTH,
+        "SCAL_WIDTH": L.SCAL_WIDTH,
+        "DTYPE_FLOAT32": L.DTYPE_CODES["float32"],
+        "DTYPE_BFLOAT16": L.DTYPE_CODES["bfloat16"],
+        "DTYPE_FLOAT16": L.DTYPE_CODES["float16"],
+    }
+    expected.update({f"adam_col.{k}": v for k, v in L.ADAM_COLS.items()})
+    expected.update({f"rmsprop_col.{k}": v for k, v in L.RMSPROP_COLS.items()})
+    expected.update({f"adam_scal.{k}": i for i, k in enumerate(L.ADAM_SCAL)})
+    expected.update({f"rmsprop_scal.{k}": i for i, k in enumerate(L.RMSPROP_SCAL)})
+    assert {k: c.get(k) for k in expected} == expected
