@@ -34,6 +34,7 @@ class DeviceTables:
         self.tmeta = self.grads = self.chunks = self.scal = None
         self.hyper = self.gptr = self.glr = None
         self.bucket_chunks = []  # (dtype, chunk table view) per bucket with at least one chunk
+        self.bucket_offsets = [0]
         self.n_tensors = 0
 
     def update(self, work):
@@ -117,9 +118,11 @@ class DeviceTables:
         chunks = torch.stack([owner, starts], dim=1).contiguous()
         self.chunks = _upload(chunks, self.device)
         self.bucket_chunks = []
+        self.bucket_offsets = [0]  # chunk-list offsets of the buckets in bucket_chunks, and the end
         ends = torch.cumsum(counts, 0).tolist()
         for dtype, t0, t1 in work.buckets:
             c0 = ends[t0 - 1] if t0 > 0 else 0
             c1 = ends[t1 - 1] if t1 > 0 else 0
             if c1 > c0:
                 self.bucket_chunks.append((dtype, self.chunks[c0:c1]))
+                self.bucket_offsets.append(c1)

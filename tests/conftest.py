@@ -9,11 +9,14 @@ def pytest_runtest_setup(item):
         pytest.skip("needs a CUDA GPU: none on this machine (the GPU machine runs these)")
 
 
-def backend_device_params(names=("torch", "triton")):
-    """(backend, device) pairs: CPU ones run here, CUDA ones are marked for the GPU machine."""
+def backend_device_params(names=("torch", "triton", "cpu", "cuda")):
+    """(backend, device) pairs: CPU ones run here, CUDA ones are marked for the GPU machine. The
+    native backends are named after the one device each runs."""
     out = []
     for device in ("cpu", "cuda"):
         for name in names:
+            if name in ("cpu", "cuda") and name != device:
+                continue
             marks = [pytest.mark.cuda] if device == "cuda" else []
             if name == "triton":
                 marks.append(pytest.mark.triton)

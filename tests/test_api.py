@@ -77,7 +77,9 @@ def _assert_unchanged(opt, params, snap):
             assert torch.equal(opt.state[p][k], v), k
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+@pytest.mark.parametrize(
+    "backend", ["torch", "cpu", pytest.param("triton", marks=pytest.mark.triton)]
+)
 @pytest.mark.parametrize(
     "breakage", ["group_lr", "grad_shape", "grad_dtype", "sparse", "float64_param"]
 )
@@ -127,7 +129,9 @@ def test_backend_names_and_auto_selection(monkeypatch):
     p = torch.nn.Parameter(torch.randn(3))
     with pytest.raises(ValueError, match="unknown backend 'nope'"):
         fusedopt.Adam([p], backend="nope")
-    assert backends.select("auto", "cpu") == "torch"  # the interpreter is a test tool, not fast
+    # the native CPU kernels when built; never the Triton interpreter (a test tool, not fast)
+    expected = "cpu" if backends.unavailable("cpu", "cpu") is None else "torch"
+    assert backends.select("auto", "cpu") == expected
     monkeypatch.setenv("FUSEDOPT_BACKEND", "triton")
     if backends.unavailable("triton", "cpu") is None:
         assert fusedopt.Adam([p]).backend == "triton"
@@ -157,7 +161,9 @@ def test_triton_on_cpu_without_interpreter_says_why():
         assert "TRITON_INTERPRET=1" in out.stdout, out.stdout
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+@pytest.mark.parametrize(
+    "backend", ["torch", "cpu", pytest.param("triton", marks=pytest.mark.triton)]
+)
 def test_closure_zero_grad_and_late_param_group(backend):
     if backends.unavailable(backend, "cpu"):
         pytest.skip(backends.unavailable(backend, "cpu"))
@@ -246,7 +252,7 @@ def test_one_launch_per_dtype_bucket(cls, monkeypatch):
     assert float(opt.state[only_empty[0]]["step"]) == 1
 
 
-@pytest.mark.parametrize("backend", [pytest.param("triton", marks=pytest.mark.triton)])
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=pytest.mark.triton)])
 def test_metadata_built_once_and_reused(backend, monkeypatch):
     if backends.unavailable(backend, "cpu"):
         pytest.skip(backends.unavailable(backend, "cpu"))
@@ -266,7 +272,7 @@ def test_metadata_built_once_and_reused(backend, monkeypatch):
             else:
                 p.grad.copy_(g)  # same grad storage every step
         opt.step()
-    tables = opt._tables[("triton", torch.device("cpu"))]
+    tables = opt._tables[(backend, torch.device("cpu"))]
     assert len(builds) == 1
     hyper = tables.hyper
     opt.step()

@@ -7,13 +7,22 @@ first available backend of ``PREFERENCE``.
 
 import torch
 
+from .native import NativeBackend
 from .reference import TorchBackend
 from .triton import TritonBackend
 
-BACKENDS = {b.name: b for b in (TritonBackend(), TorchBackend())}
+BACKENDS = {
+    b.name: b
+    for b in (
+        NativeBackend("cuda", "_cuda"),
+        TritonBackend(),
+        NativeBackend("cpu", "_C"),
+        TorchBackend(),
+    )
+}
 
-# Fastest first. On CPU, Triton runs only in its interpreter (a test tool), so "torch" comes first.
-PREFERENCE = {"cuda": ("triton", "torch"), "cpu": ("torch",)}
+# Fastest first. On CPU, Triton runs only in its interpreter (a test tool), never by "auto".
+PREFERENCE = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
 _DEFAULT_PREFERENCE = ("torch",)
 
 NAMES = ("auto",) + tuple(BACKENDS)

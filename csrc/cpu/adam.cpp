@@ -1,0 +1,112 @@
+// Adam / AdamW on the CPU: the same prologue and per-element math as kernels/adam.py, in the
+// same order of operations (see that file for the formulas). Torch-free.
+#include <algorithm>
+
+#include "kernels.h"
+#include "multi_tensor.h"
+
+namespace fusedopt::cpu {
+
+void adam_prologue(const int64_t* tmeta, int64_t n_tensors, const double* hyper,
+                   const int64_t* gptr, double* glr, int64_t n_groups, float* scal) {
+  resolve_group_lrs(hyper, gptr, glr, n_groups);
+  for (int64_t t = 0; t < n_tensors; ++t) {
+    const int64_t* row = tmeta + t * TMETA_WIDTH;
+    int64_t step = advance_step(row);
+    int64_t g = row[T_GROUP];
+    const double* h = hyper + g * HYPER_WIDTH;
+    double lr = glr[g];
+    double beta1 = h[adam_col::beta1], beta2 = h[adam_col::beta2], wd = h[adam_col::weight_decay];
+    bool decoupled = h[adam_col::decoupled] != 0.0;
+    float* s = scal + t * SCAL_WIDTH;
+    s[adam_scal::step_size] = static_cast<float>(lr / (1.0 - pow_int(beta1, step)));
+    s[adam_scal::bc2_sqrt] = static_cast<float>(std::sqrt(1.0 - pow_int(beta2, step)));
+    s[adam_scal::p_mul] = static_cast<float>(decoupled ? 1.0 - lr * wd : 1.0);
+    s[adam_scal::g_wd] = static_cast<float>(decoupled ? 0.0 : wd);
+    s[adam_scal::w1] = static_cast<float>(1.0 - beta1);
+    s[adam_scal::beta2] = static_cast<float>(beta2);
+    s[adam_scal::w2] = static_cast<float>(1.0 - beta2);
+    s[adam_scal::eps] = static_cast<float>(h[adam_col::eps]);
+    s[adam_scal::sign] = h[adam_col::maximize] != 0.0 ? -1.0f : 1.0f;
+    s[adam_scal::amsgrad] = static_cast<float>(h[adam_col::amsgrad]);
+  }
+}
+
+namespace {
+
+// One contiguous run of one tensor. The flags are template parameters so that each variant's
+// loop has no branches and vectorizes.
+template <int D, bool AMSGRAD, bool L2>
+inline void adam_run(typename Storage<D>::type* __restrict__ p,
+                     const typename Storage<D>::type* __restrict__ g,
+                     typename Storage<D>::type* __restrict__ m,
+                     typename Storage<D>::type* __restrict__ v,
+                     typename Storage<D>::type* __restrict__ vmax, int64_t begin, int64_t end,
+                     const float* s) {
+  const float step_size = s[adam_scal::step_size], bc2_sqrt = s[adam_scal::bc2_sqrt];
+  const float p_mul = s[adam_scal::p_mul], g_wd = s[adam_scal::g_wd], w1 = s[adam_scal::w1];
+  const float beta2 = s[adam_scal::beta2], w2 = s[adam_scal::w2], eps = s[adam_scal::eps];
+  const float sign = s[adam_scal::sign];
+  for (int64_t i = begin; i < end; ++i) {
+    float pi = ld<D>(p, i) * p_mul;
+    float gi = ld<D>(g, i) * sign;
+    if constexpr (L2) gi = __builtin_fmaf(pi, g_wd, gi);
+    float mi = lerp(ld<D>(m, i), gi, w1);
+    float vi = __builtin_fmaf(w2 * gi, gi, ld<D>(v, i) * beta2);
+    float used = vi;
+    if constexpr (AMSGRAD) {
+      float mx = ld<D>(vmax, i);
+      mx = (mx != mx || mx > vi) ? mx : vi;  // torch.maximum: NaN propagates
+      st<D>(vmax, i, mx);
+      used = mx;
+    }
+    float denom = std::sqrt(used) / bc2_sqrt + eps;
+    st<D>(p, i, pi + (-step_size * mi) / denom);
+    st<D>(m, i, mi);
+    st<D>(v, i, vi);
+  }
+}
+
+template <int D>
+FUSEDOPT_CPU_TARGETS void adam_chunks_typed(bool has_amsgrad, const int64_t* tmeta,
+                                            const int64_t* grads, const float* scal,
+                                            const int64_t* chunks, int64_t begin, int64_t end,
+                                            int64_t chunk_size) {
+  using T = typename Storage<D>::type;
+  for (int64_t c = begin; c < end; ++c) {
+    int64_t t = chunks[2 * c], first = chunks[2 * c + 1];
+    const int64_t* row = tmeta + t * TMETA_WIDTH;
+    int64_t last = std::min(first + chunk_size, row[T_NUMEL]);
+    const float* s = scal + t * SCAL_WIDTH;
+    T* p = addr<D>(row[T_PARAM]);
+    const T* g = addr<D>(grads[t]);
+    T* m = addr<D>(row[T_S0]);
+    T* v = addr<D>(row[T_S1]);
+    bool ams = has_amsgrad && s[adam_scal::amsgrad] != 0.0f;
+    bool l2 = s[adam_scal::g_wd] != 0.0f;
+    if (ams && l2) adam_run<D, true, true>(p, g, m, v, addr<D>(row[T_S2]), first, last, s);
+    else if (ams) adam_run<D, true, false>(p, g, m, v, addr<D>(row[T_S2]), first, last, s);
+    else if (l2) adam_run<D, false, true>(p, g, m, v, nullptr, first, last, s);
+    else adam_run<D, false, false>(p, g, m, v, nullptr, first, last, s);
+  }
+}
+
+}  // namespace
+
+void adam_chunks(int dtype, bool has_amsgrad, const int64_t* tmeta, const int64_t* grads,
+                 const float* scal, const int64_t* chunks, int64_t begin, int64_t end,
+                 int64_t chunk_size) {
+  switch (dtype) {
+    case DTYPE_FLOAT32:
+      return adam_chunks_typed<DTYPE_FLOAT32>(has_amsgrad, tmeta, grads, scal, chunks, begin, end,
+                                              chunk_size);
+    case DTYPE_BFLOAT16:
+      return adam_chunks_typed<DTYPE_BFLOAT16>(has_amsgrad, tmeta, grads, scal, chunks, begin,
+                                               end, chunk_size);
+    default:
+      return adam_chunks_typed<DTYPE_FLOAT16>(has_amsgrad, tmeta, grads, scal, chunks, begin, end,
+                                              chunk_size);
+  }
+}
+
+}  // namespace fusedopt::cpu

@@ -1,0 +1,124 @@
+// RMSprop on the CPU: the same prologue and per-element math as kernels/rmsprop.py, in the same
+// order of operations (see that file for the formulas). Torch-free.
+#include <algorithm>
+
+#include "kernels.h"
+#include "multi_tensor.h"
+
+namespace fusedopt::cpu {
+
+void rmsprop_prologue(const int64_t* tmeta, int64_t n_tensors, const double* hyper,
+                      const int64_t* gptr, double* glr, int64_t n_groups, float* scal) {
+  resolve_group_lrs(hyper, gptr, glr, n_groups);
+  for (int64_t t = 0; t < n_tensors; ++t) {
+    const int64_t* row = tmeta + t * TMETA_WIDTH;
+    advance_step(row);
+    int64_t g = row[T_GROUP];
+    const double* h = hyper + g * HYPER_WIDTH;
+    double alpha = h[rmsprop_col::alpha];
+    float* s = scal + t * SCAL_WIDTH;
+    s[rmsprop_scal::lr] = static_cast<float>(glr[g]);
+    s[rmsprop_scal::alpha] = static_cast<float>(alpha);
+    s[rmsprop_scal::w] = static_cast<float>(1.0 - alpha);
+    s[rmsprop_scal::eps] = static_cast<float>(h[rmsprop_col::eps]);
+    s[rmsprop_scal::weight_decay] = static_cast<float>(h[rmsprop_col::weight_decay]);
+    s[rmsprop_scal::momentum] = static_cast<float>(h[rmsprop_col::momentum]);
+    s[rmsprop_scal::sign] = h[rmsprop_col::maximize] != 0.0 ? -1.0f : 1.0f;
+    s[rmsprop_scal::centered] = static_cast<float>(h[rmsprop_col::centered]);
+  }
+}
+
+namespace {
+
+template <int D, bool CENTERED, bool MOMENTUM, bool WD>
+inline void rmsprop_run(typename Storage<D>::type* __restrict__ p,
+                        const typename Storage<D>::type* __restrict__ g,
+                        typename Storage<D>::type* __restrict__ sq,
+                        typename Storage<D>::type* __restrict__ buf,
+                        typename Storage<D>::type* __restrict__ ga, int64_t begin, int64_t end,
+                        const float* s) {
+  const float lr = s[rmsprop_scal::lr], alpha = s[rmsprop_scal::alpha], w = s[rmsprop_scal::w];
+  const float eps = s[rmsprop_scal::eps], wd = s[rmsprop_scal::weight_decay];
+  const float momentum = s[rmsprop_scal::momentum], sign = s[rmsprop_scal::sign];
+  for (int64_t i = begin; i < end; ++i) {
+    float pi = ld<D>(p, i);
+    float gi = ld<D>(g, i) * sign;
+    if constexpr (WD) gi = __builtin_fmaf(pi, wd, gi);
+    float sqi = __builtin_fmaf(w * gi, gi, ld<D>(sq, i) * alpha);
+    float var = sqi;
+    if constexpr (CENTERED) {
+      float gai = lerp(ld<D>(ga, i), gi, w);
+      st<D>(ga, i, gai);
+      var = __builtin_fmaf(-gai, gai, sqi);
+    }
+    float avg = std::sqrt(var) + eps;
+    if constexpr (MOMENTUM) {
+      float bi = ld<D>(buf, i) * momentum + gi / avg;
+      st<D>(buf, i, bi);
+      pi = __builtin_fmaf(bi, -lr, pi);
+    } else {
+      pi = pi + (-lr * gi) / avg;
+    }
+    st<D>(p, i, pi);
+    st<D>(sq, i, sqi);
+  }
+}
+
+template <int D, bool CENTERED, bool MOMENTUM>
+inline void rmsprop_run_wd(bool wd, typename Storage<D>::type* p,
+                           const typename Storage<D>::type* g, typename Storage<D>::type* sq,
+                           typename Storage<D>::type* buf, typename Storage<D>::type* ga,
+                           int64_t begin, int64_t end, const float* s) {
+  if (wd) rmsprop_run<D, CENTERED, MOMENTUM, true>(p, g, sq, buf, ga, begin, end, s);
+  else rmsprop_run<D, CENTERED, MOMENTUM, false>(p, g, sq, buf, ga, begin, end, s);
+}
+
+template <int D>
+FUSEDOPT_CPU_TARGETS void rmsprop_chunks_typed(bool has_centered, bool has_momentum,
+                                               const int64_t* tmeta, const int64_t* grads,
+                                               const float* scal, const int64_t* chunks,
+                                               int64_t begin, int64_t end, int64_t chunk_size) {
+  using T = typename Storage<D>::type;
+  for (int64_t c = begin; c < end; ++c) {
+    int64_t t = chunks[2 * c], first = chunks[2 * c + 1];
+    const int64_t* row = tmeta + t * TMETA_WIDTH;
+    int64_t last = std::min(first + chunk_size, row[T_NUMEL]);
+    const float* s = scal + t * SCAL_WIDTH;
+    T* p = addr<D>(row[T_PARAM]);
+    const T* g = addr<D>(grads[t]);
+    T* sq = addr<D>(row[T_S0]);
+    T* buf = addr<D>(row[T_S1]);
+    T* ga = addr<D>(row[T_S2]);
+    bool centered = has_centered && s[rmsprop_scal::centered] != 0.0f;
+    bool momentum = has_momentum && s[rmsprop_scal::momentum] > 0.0f;
+    bool wd = s[rmsprop_scal::weight_decay] != 0.0f;
+    if (centered && momentum)
+      rmsprop_run_wd<D, true, true>(wd, p, g, sq, buf, ga, first, last, s);
+    else if (centered)
+      rmsprop_run_wd<D, true, false>(wd, p, g, sq, buf, ga, first, last, s);
+    else if (momentum)
+      rmsprop_run_wd<D, false, true>(wd, p, g, sq, buf, ga, first, last, s);
+    else
+      rmsprop_run_wd<D, false, false>(wd, p, g, sq, buf, ga, first, last, s);
+  }
+}
+
+}  // namespace
+
+void rmsprop_chunks(int dtype, bool has_centered, bool has_momentum, const int64_t* tmeta,
+                    const int64_t* grads, const float* scal, const int64_t* chunks, int64_t begin,
+                    int64_t end, int64_t chunk_size) {
+  switch (dtype) {
+    case DTYPE_FLOAT32:
+      return rmsprop_chunks_typed<DTYPE_FLOAT32>(has_centered, has_momentum, tmeta, grads, scal,
+                                                 chunks, begin, end, chunk_size);
+    case DTYPE_BFLOAT16:
+      return rmsprop_chunks_typed<DTYPE_BFLOAT16>(has_centered, has_momentum, tmeta, grads, scal,
+                                                  chunks, begin, end, chunk_size);
+    default:
+      return rmsprop_chunks_typed<DTYPE_FLOAT16>(has_centered, has_momentum, tmeta, grads, scal,
+                                                 chunks, begin, end, chunk_size);
+  }
+}
+
+}  // namespace fusedopt::cpu

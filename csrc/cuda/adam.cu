@@ -1,0 +1,173 @@
+// Adam and AdamW: the step prologue and the fused multi-tensor pass (port of kernels/adam.py).
+//
+// Per element, in float32 (torch.optim's math, in its order of operations):
+// g = -g (maximize); p *= 1 - lr*wd (decoupled) or g += wd*p (L2); m = lerp(m, g, 1-b1);
+// v = b2*v + (1-b2)*g*g; vmax = max(vmax, v) (amsgrad);
+// p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps).
+// amsgrad, maximize and decoupled decay are per-tensor runtime values, so groups that differ in
+// them share one launch; the HAS_AMSGRAD template flag only compiles the AMSGrad code in or out.
+#include "launchers.h"
+#include "multi_tensor.cuh"
+
+namespace fusedopt {
+namespace cuda {
+namespace {
+
+__global__ void __launch_bounds__(kPrologueBlock)
+    adam_prologue_kernel(const int64_t* tmeta, int64_t n_tensors, const double* hyper,
+                         const int64_t* gptr, double* glr, int64_t n_groups, float* scal) {
+  resolve_group_lrs(hyper, gptr, glr, n_groups);
+  __syncthreads();  // the group lrs just written are read below by other threads
+  for (int64_t t = threadIdx.x; t < n_tensors; t += blockDim.x) {
+    const int64_t* row = tmeta + t * TMETA_WIDTH;
+    const int64_t step = advance_step(row);
+    const int64_t grp = row[T_GROUP];
+    const double* h = hyper + grp * HYPER_WIDTH;
+    const double lr = glr[grp];
+    const double beta1 = h[adam_col::beta1];
+    const double beta2 = h[adam_col::beta2];
+    const double wd = h[adam_col::weight_decay];
+    const bool decoupled = h[adam_col::decoupled] != 0.0;
+    float* s = scal + t * SCAL_WIDTH;
+    s[adam_scal::step_size] = static_cast<float>(lr / (1.0 - pow_int(beta1, step)));
+    s[adam_scal::bc2_sqrt] = static_cast<float>(sqrt(1.0 - pow_int(beta2, step)));
+    s[adam_scal::p_mul] = static_cast<float>(decoupled ? 1.0 - lr * wd : 1.0);
+    s[adam_scal::g_wd] = static_cast<float>(decoupled ? 0.0 : wd);
+    s[adam_scal::w1] = static_cast<float>(1.0 - beta1);
+    s[adam_scal::beta2] = static_cast<float>(beta2);
+    s[adam_scal::w2] = static_cast<float>(1.0 - beta2);
+    s[adam_scal::eps] = static_cast<float>(h[adam_col::eps]);
+    s[adam_scal::sign] = h[adam_col::maximize] != 0.0 ? -1.0f : 1.0f;
+    s[adam_scal::amsgrad] = static_cast<float>(h[adam_col::amsgrad]);
+  }
+}
+
+// One tensor's update over a chunk: its pointers and the prologue's scalars.
+template <typename T, bool HAS_AMSGRAD>
+struct AdamUpdate {
+  T* p;
+  const T* g;
+  T* m;
+  T* v;
+  T* vmax;  // read only when amsgrad
+  float neg_step_size, bc2_sqrt, p_mul, g_wd, w1, beta2, w2, eps, sign;
+  bool l2, amsgrad;
+
+  template <int N>
+  __device__ __forceinline__ void apply(int64_t i) const {
+    float rp[N], rg[N], rm[N], rv[N], rmax[N];
+    load(p + i, rp);
+    load(g + i, rg);
+    load(m + i, rm);
+    load(v + i, rv);
+    if (HAS_AMSGRAD && amsgrad) load(vmax + i, rmax);
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      float gk = rg[k] * sign;
+      const float pk = rp[k] * p_mul;
+      if (l2) gk = __fmaf_rn(pk, g_wd, gk);
+      rm[k] = lerp(rm[k], gk, w1);
+      rv[k] = __fmaf_rn(w2 * gk, gk, rv[k] * beta2);
+      float v_used = rv[k];
+      if (HAS_AMSGRAD && amsgrad) {
+        rmax[k] = maximum(rmax[k], rv[k]);
+        v_used = rmax[k];
+      }
+      const float denom = __fdiv_rn(__fsqrt_rn(v_used), bc2_sqrt) + eps;
+      rp[k] = pk + __fdiv_rn(neg_step_size * rm[k], denom);
+    }
+    store(p + i, rp);
+    store(m + i, rm);
+    store(v + i, rv);
+    if (HAS_AMSGRAD && amsgrad) store(vmax + i, rmax);
+  }
+};
+
+// One block per chunk.
+template <typename T, bool HAS_AMSGRAD>
+__global__ void __launch_bounds__(kBlock)
+    adam_main_kernel(const int64_t* __restrict__ tmeta, const int64_t* __restrict__ grads,
+                     const float* __restrict__ scal, const int64_t* __restrict__ chunks,
+                     int64_t chunk_size) {
+  const int64_t chunk = blockIdx.x;
+  const int64_t t = chunks[2 * chunk];
+  const int64_t start = chunks[2 * chunk + 1];
+  const int64_t* row = tmeta + t * TMETA_WIDTH;
+  const float* s = scal + t * SCAL_WIDTH;
+  AdamUpdate<T, HAS_AMSGRAD> op;
+  op.p = ptr_at<T>(row[T_PARAM]);
+  op.g = ptr_at<const T>(grads[t]);
+  op.m = ptr_at<T>(row[T_S0]);
+  op.v = ptr_at<T>(row[T_S1]);
+  op.vmax = ptr_at<T>(row[T_S2]);
+  op.neg_step_size = -s[adam_scal::step_size];
+  op.bc2_sqrt = s[adam_scal::bc2_sqrt];
+  op.p_mul = s[adam_scal::p_mul];
+  op.g_wd = s[adam_scal::g_wd];
+  op.w1 = s[adam_scal::w1];
+  op.beta2 = s[adam_scal::beta2];
+  op.w2 = s[adam_scal::w2];
+  op.eps = s[adam_scal::eps];
+  op.sign = s[adam_scal::sign];
+  op.l2 = op.g_wd != 0.0f;
+  op.amsgrad = s[adam_scal::amsgrad] != 0.0f;
+  const bool vector = start % kVec<T> == 0 && aligned16(op.p) && aligned16(op.g) &&
+                      aligned16(op.m) && aligned16(op.v) &&
+                      (!(HAS_AMSGRAD && op.amsgrad) || aligned16(op.vmax));
+  const int64_t end = min(start + chunk_size, row[T_NUMEL]);
+  for_each_in_chunk<kVec<T>>(op, start, end, vector);
+}
+
+template <typename T>
+cudaError_t launch_main(const int64_t* tmeta, const int64_t* grads, const float* scal,
+                        const int64_t* chunks, int64_t n_chunks, int64_t chunk_size,
+                        bool has_amsgrad, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(n_chunks));
+  if (has_amsgrad) {
+    adam_main_kernel<T, true><<<grid, kBlock, 0, stream>>>(tmeta, grads, scal, chunks, chunk_size);
+  } else {
+    adam_main_kernel<T, false><<<grid, kBlock, 0, stream>>>(tmeta, grads, scal, chunks, chunk_size);
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t adam_main(const int64_t* tmeta, const int64_t* grads, const float* scal,
+                      const int64_t* chunks, int64_t n_chunks, int64_t chunk_size, int dtype,
+                      bool has_amsgrad, cudaStream_t stream) {
+  if (!chunk_grid_fits(n_chunks)) return cudaErrorInvalidValue;
+  if (n_chunks == 0) return cudaSuccess;
+  switch (dtype) {
+    case DTYPE_FLOAT32:
+      return launch_main<float>(tmeta, grads, scal, chunks, n_chunks, chunk_size, has_amsgrad,
+                                stream);
+    case DTYPE_BFLOAT16:
+      return launch_main<__nv_bfloat16>(tmeta, grads, scal, chunks, n_chunks, chunk_size,
+                                        has_amsgrad, stream);
+    case DTYPE_FLOAT16:
+      return launch_main<__half>(tmeta, grads, scal, chunks, n_chunks, chunk_size, has_amsgrad,
+                                 stream);
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace fusedopt
+
+extern "C" int fusedopt_cuda_adam_prologue(const int64_t* tmeta, int64_t n_tensors,
+                                           const double* hyper, const int64_t* gptr, double* glr,
+                                           int64_t n_groups, float* scal, void* stream) {
+  using namespace fusedopt::cuda;
+  adam_prologue_kernel<<<1, kPrologueBlock, 0, static_cast<cudaStream_t>(stream)>>>(
+      tmeta, n_tensors, hyper, gptr, glr, n_groups, scal);
+  return cudaGetLastError();
+}
+
+extern "C" int fusedopt_cuda_adam_main(const int64_t* tmeta, const int64_t* grads,
+                                       const float* scal, const int64_t* chunks, int64_t n_chunks,
+                                       int64_t chunk_size, int dtype, bool has_amsgrad,
+                                       void* stream) {
+  return fusedopt::cuda::adam_main(tmeta, grads, scal, chunks, n_chunks, chunk_size, dtype,
+                                   has_amsgrad, static_cast<cudaStream_t>(stream));
+}

@@ -1,0 +1,160 @@
+// What the fused multi-tensor kernels share: typed loads and stores (128-bit packs or single
+// elements), the chunk loop, torch's lerp, and the step prologue's pieces (group lr resolution,
+// step counters, integer powers). Torch-free: CUDA's headers and fusedopt/layout.h only.
+//
+// Rounding follows torch's kernels, which is what makes fp32 parity "close to rounding": a
+// multiply-add is one __fmaf_rn exactly where torch fuses it (add(alpha=), addcmul, lerp) and two
+// rounded operations everywhere else; division and square root are the correctly rounded
+// __fdiv_rn / __fsqrt_rn whatever -prec-div / -prec-sqrt say. This holds only if nvcc contracts
+// nothing by itself, so these files are compiled with -fmad=false (and never --use_fast_math,
+// which would also flush denormals to zero). The Triton kernels in kernels/ are the reference.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "fusedopt/layout.h"
+
+namespace fusedopt {
+namespace cuda {
+
+constexpr int kBlock = 256;          // threads per main-kernel block (one block per chunk)
+constexpr int kPrologueBlock = 256;  // threads of the single prologue block
+
+// gridDim.x holds at most 2^31 - 1 blocks.
+inline bool chunk_grid_fits(int64_t n_chunks) { return n_chunks >= 0 && n_chunks <= INT32_MAX; }
+
+template <typename T>
+__device__ __forceinline__ T* ptr_at(int64_t addr) {
+  return reinterpret_cast<T*>(static_cast<uintptr_t>(addr));
+}
+
+// ---- element types ------------------------------------------------------------------------------
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+
+// float -> T, round to nearest even as torch rounds.
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) {
+  return x;
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) {
+  return __float2half_rn(x);
+}
+
+// Elements per 128-bit access: 4 floats, 8 bf16 or fp16.
+template <typename T>
+constexpr int kVec = 16 / sizeof(T);
+
+// N consecutive elements as one access: alignas makes N = kVec<T> a single 128-bit ld/st.
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+template <int N, typename T>
+__device__ __forceinline__ void load(const T* src, float (&dst)[N]) {
+  const Pack<T, N> pk = *reinterpret_cast<const Pack<T, N>*>(src);
+#pragma unroll
+  for (int k = 0; k < N; ++k) dst[k] = to_float(pk.v[k]);
+}
+
+template <int N, typename T>
+__device__ __forceinline__ void store(T* dst, const float (&src)[N]) {
+  Pack<T, N> pk;
+#pragma unroll
+  for (int k = 0; k < N; ++k) pk.v[k] = from_float<T>(src[k]);
+  *reinterpret_cast<Pack<T, N>*>(dst) = pk;
+}
+
+__device__ __forceinline__ bool aligned16(const void* p) {
+  return (reinterpret_cast<uintptr_t>(p) & 15) == 0;
+}
+
+// ---- main pass ----------------------------------------------------------------------------------
+
+// Calls op.apply<N>(i), which updates elements [i, i + N), over [start, end) of one chunk. With
+// `vector` (every pointer op touches is 16-byte aligned and start is a multiple of VEC) it goes
+// VEC elements at a time and then finishes the tensor's tail one by one; otherwise one by one
+// throughout, which is correct for any alignment. Offsets are 64-bit: tensors may exceed 2^31.
+template <int VEC, typename Op>
+__device__ __forceinline__ void for_each_in_chunk(const Op& op, int64_t start, int64_t end,
+                                                  bool vector) {
+  int64_t scalar_start = start;
+  if (vector) {
+    const int64_t n_vec = (end - start) / VEC;
+    for (int64_t j = threadIdx.x; j < n_vec; j += blockDim.x) op.template apply<VEC>(start + j * VEC);
+    scalar_start = start + n_vec * VEC;
+  }
+  for (int64_t i = scalar_start + threadIdx.x; i < end; i += blockDim.x) op.template apply<1>(i);
+}
+
+// torch.lerp as torch computes it (CUDA, and CPU vectorized): one FMA from the nearer end.
+__device__ __forceinline__ float lerp(float a, float b, float w) {
+  return w < 0.5f ? __fmaf_rn(w, b - a, a) : __fmaf_rn(w - 1.0f, b - a, b);
+}
+
+// torch.maximum: NaN in either operand propagates (fmaxf would drop it).
+__device__ __forceinline__ float maximum(float a, float b) {
+  return a != a ? a : (b != b ? b : fmaxf(a, b));
+}
+
+// ---- step prologue (one block; float64 so that 1 - beta**t keeps its digits, as torch.optim's
+// host-side Python arithmetic does) ---------------------------------------------------------------
+
+// base**n for n >= 0 by squaring: the same products, in the same order, as the Triton prologue.
+__device__ __forceinline__ double pow_int(double base, int64_t n) {
+  double result = 1.0;
+  for (; n > 0; n >>= 1) {
+    if (n & 1) result *= base;
+    base *= base;
+  }
+  return result;
+}
+
+// Writes each group's lr for this step to glr (float64): the float lr, the float32 tensor lr
+// read through its address, or the Noam rate scale * min(t^-1/2, t * warmup_coeff) after adding
+// one to the group's float32 counter t (stored back). Call from every thread of the block, then
+// __syncthreads() before reading glr.
+__device__ __forceinline__ void resolve_group_lrs(const double* hyper, const int64_t* gptr,
+                                                  double* glr, int64_t n_groups) {
+  for (int64_t g = threadIdx.x; g < n_groups; g += blockDim.x) {
+    const double* h = hyper + g * HYPER_WIDTH;
+    const int64_t* ptrs = gptr + g * GPTR_WIDTH;
+    const double mode = h[H_MODE];
+    double lr = h[H_LR];
+    if (mode == LR_TENSOR) {
+      lr = *ptr_at<const float>(ptrs[G_LR_PTR]);
+    } else if (mode == LR_NOAM) {
+      float* counter = ptr_at<float>(ptrs[G_COUNTER_PTR]);
+      const float count = *counter + 1.0f;
+      *counter = count;
+      const double t = fmax(static_cast<double>(count), 1.0);
+      lr = h[H_NOAM_SCALE] * fmin(1.0 / sqrt(t), t * h[H_NOAM_WARMUP]);
+    }
+    glr[g] = lr;
+  }
+}
+
+// Adds one to a tensor's float32 step (as torch.optim keeps it); returns the new step.
+__device__ __forceinline__ int64_t advance_step(const int64_t* tmeta_row) {
+  float* step = ptr_at<float>(tmeta_row[T_STEP]);
+  const float s = *step + 1.0f;
+  *step = s;
+  return static_cast<int64_t>(s);
+}
+
+}  // namespace cuda
+}  // namespace fusedopt

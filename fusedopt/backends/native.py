@@ -1,0 +1,111 @@
+"""The native backends: ``"cpu"`` (vectorized, multithreaded C++) and ``"cuda"`` (CUDA C++).
+
+Both run the ops ``torch.ops.fusedopt.adam_step`` / ``rmsprop_step`` declared in csrc/binding.cpp,
+over the same metadata tables as the Triton kernels: one prologue, then one pass per dtype bucket.
+The libraries are loaded on first use; a library that is missing or fails to load makes its backend
+unavailable, with the reason, and the rest of fusedopt keeps working.
+"""
+
+import os
+
+import torch
+
+from .. import _layout as L
+from .._tables import DeviceTables
+
+_HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_LOADED = {}  # library name -> None (loaded) or the reason it is not
+
+
+def load(name):
+    """Load ``fusedopt/<name>.so`` once; return None, or why it is unavailable."""
+    if name not in _LOADED:
+        path = os.path.join(_HERE, f"{name}.so")
+        if not os.path.exists(path):
+            _LOADED[name] = (
+                f"fusedopt/{name}.so was not built (pip install --no-build-isolation . builds it)"
+            )
+        else:
+            try:
+                if name != "_C":
+                    reason = load("_C")  # the op schemas live there
+                    if reason:
+                        raise RuntimeError(reason)
+                torch.ops.load_library(path)
+                if name == "_C":
+                    _register_fakes()
+                _LOADED[name] = None
+            except Exception as e:  # noqa: BLE001 - any failure means "unavailable", with why
+                _LOADED[name] = f"fusedopt/{name}.so failed to load ({type(e).__name__}: {e})"
+    return _LOADED[name]
+
+
+def _register_fakes():
+    """Meta/fake kernels, so torch.compile and torch.library.opcheck can trace the ops: they
+    mutate their arguments in place and return nothing."""
+    for op in ("fusedopt::adam_step", "fusedopt::rmsprop_step"):
+        torch.library.register_fake(op)(lambda *args, **kwargs: None)
+
+
+def _dtype_code(dtype):
+    return L.DTYPE_CODES[str(dtype).removeprefix("torch.")]
+
+
+class NativeBackend:
+    # elements per chunk (one unit of work): big enough to amortize the per-chunk setup, small
+    # enough to spread a single large tensor over every thread / SM.
+    CHUNK = {"cpu": 16384, "cuda": 65536}
+
+    def __init__(self, name, library):
+        self.name = name
+        self.library = library
+
+    def unavailable(self, device):
+        if device.type != self.name:
+            return f"the {self.name!r} backend runs {self.name} tensors only"
+        if self.name == "cuda" and not torch.cuda.is_available():
+            return "CUDA is not available"
+        return load(self.library)
+
+    def run(self, opt, work):
+        adam = opt._op == "adam"
+        columns = L.ADAM_COLS if adam else L.RMSPROP_COLS
+        key = (self.name, work.device)
+        tables = opt._tables.get(key)
+        if tables is None:
+            tables = opt._tables[key] = DeviceTables(work.device, columns, self.CHUNK[self.name])
+        tables.update(work)
+        slots = work.slots
+        params = [s.param for s in slots]
+        states = [t for s in slots for t in s.states if t is not None]
+        steps = [s.step for s in slots]
+        counters = [g.counter for g in work.lrs if g.counter is not None]
+        grads = [s.grad for s in slots]
+        dtypes = [_dtype_code(d) for d, _ in tables.bucket_chunks]
+        offsets = tables.bucket_offsets
+        stream = torch.cuda.current_stream(work.device).cuda_stream if self.name == "cuda" else 0
+        args = (
+            params,
+            states,
+            steps,
+            counters,
+            grads,
+            tables.tmeta,
+            tables.grads,
+            tables.chunks,
+            tables.hyper,
+            tables.gptr,
+            tables.glr,
+            tables.scal,
+            dtypes,
+            offsets,
+            tables.chunk,
+        )
+        if adam:
+            has_amsgrad = any(s.states[2] is not None for s in slots)
+            torch.ops.fusedopt.adam_step(*args, has_amsgrad, stream)
+        else:
+            has_centered = any(s.states[2] is not None for s in slots)
+            has_momentum = any(s.states[1] is not None for s in slots)
+            torch.ops.fusedopt.rmsprop_step(*args, has_centered, has_momentum, stream)
+        opt._set_last_lr(work, tables.glr)
