@@ -49,7 +49,10 @@ def extensions():
             "fusedopt._C",
             ["csrc/binding.cpp", "csrc/cpu/adam.cpp", "csrc/cpu/rmsprop.cpp"],
             include_dirs=include,
-            extra_compile_args={"cxx": CXX_FLAGS},
+            # at::parallel_for is a header template: without OpenMP it runs on one thread. The
+            # libgomp.so.1 it links is the one torch already loaded (same soname): one runtime.
+            extra_compile_args={"cxx": CXX_FLAGS + ["-fopenmp"]},
+            extra_link_args=["-fopenmp"],
         )
     ]
     if _want_cuda(torch.version.cuda, CUDA_HOME):

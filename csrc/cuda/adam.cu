@@ -49,7 +49,7 @@ struct AdamUpdate {
   const T* g;
   T* m;
   T* v;
-  T* vmax;  // read only when amsgrad
+  T* vmax;  // touched only when amsgrad
   float neg_step_size, bc2_sqrt, p_mul, g_wd, w1, beta2, w2, eps, sign;
   bool l2, amsgrad;
 

@@ -11,6 +11,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -58,25 +59,36 @@ __device__ __forceinline__ __half from_float<__half>(float x) {
 template <typename T>
 constexpr int kVec = 16 / sizeof(T);
 
-// N consecutive elements as one access: alignas makes N = kVec<T> a single 128-bit ld/st.
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
-  T v[N];
-};
-
+// N = 1 or kVec<T> consecutive elements, as float. __ldca / __stwb are plain loads and stores
+// (default caching, .ca / .wb) in the global space: the addresses come from tables in memory, so
+// plain dereferences would compile to generic ld / st.
 template <int N, typename T>
 __device__ __forceinline__ void load(const T* src, float (&dst)[N]) {
-  const Pack<T, N> pk = *reinterpret_cast<const Pack<T, N>*>(src);
+  if constexpr (N == 1) {
+    dst[0] = to_float(__ldca(src));
+  } else {
+    static_assert(N == kVec<T>, "one 128-bit access");
+    const uint4 raw = __ldca(reinterpret_cast<const uint4*>(src));
+    T elems[N];
+    memcpy(elems, &raw, sizeof(raw));
 #pragma unroll
-  for (int k = 0; k < N; ++k) dst[k] = to_float(pk.v[k]);
+    for (int k = 0; k < N; ++k) dst[k] = to_float(elems[k]);
+  }
 }
 
 template <int N, typename T>
 __device__ __forceinline__ void store(T* dst, const float (&src)[N]) {
-  Pack<T, N> pk;
+  if constexpr (N == 1) {
+    __stwb(dst, from_float<T>(src[0]));
+  } else {
+    static_assert(N == kVec<T>, "one 128-bit access");
+    T elems[N];
 #pragma unroll
-  for (int k = 0; k < N; ++k) pk.v[k] = from_float<T>(src[k]);
-  *reinterpret_cast<Pack<T, N>*>(dst) = pk;
+    for (int k = 0; k < N; ++k) elems[k] = from_float<T>(src[k]);
+    uint4 raw;
+    memcpy(&raw, elems, sizeof(raw));
+    __stwb(reinterpret_cast<uint4*>(dst), raw);
+  }
 }
 
 __device__ __forceinline__ bool aligned16(const void* p) {
@@ -95,15 +107,22 @@ __device__ __forceinline__ void for_each_in_chunk(const Op& op, int64_t start, i
   int64_t scalar_start = start;
   if (vector) {
     const int64_t n_vec = (end - start) / VEC;
-    for (int64_t j = threadIdx.x; j < n_vec; j += blockDim.x) op.template apply<VEC>(start + j * VEC);
+#pragma unroll 1
+    for (int64_t j = threadIdx.x; j < n_vec; j += blockDim.x) {
+      op.template apply<VEC>(start + j * VEC);
+    }
     scalar_start = start + n_vec * VEC;
   }
+#pragma unroll 1
   for (int64_t i = scalar_start + threadIdx.x; i < end; i += blockDim.x) op.template apply<1>(i);
 }
 
 // torch.lerp as torch computes it (CUDA, and CPU vectorized): one FMA from the nearer end.
+// Written as one FMA of selected operands (bit-identical to
+// w < 0.5f ? fma(w, b - a, a) : fma(w - 1, b - a, b)) so that a block-uniform w costs no branch.
 __device__ __forceinline__ float lerp(float a, float b, float w) {
-  return w < 0.5f ? __fmaf_rn(w, b - a, a) : __fmaf_rn(w - 1.0f, b - a, b);
+  const bool from_a = w < 0.5f;
+  return __fmaf_rn(from_a ? w : w - 1.0f, b - a, from_a ? a : b);
 }
 
 // torch.maximum: NaN in either operand propagates (fmaxf would drop it).

@@ -1,0 +1,181 @@
+// RMSprop: the step prologue and the fused multi-tensor pass (port of kernels/rmsprop.py).
+//
+// Per element, in float32 (torch.optim's math, in its order of operations):
+// g = -g (maximize); g += wd*p; sq = alpha*sq + (1-alpha)*g*g;
+// centered: ga = lerp(ga, g, 1-alpha), avg = sqrt(sq - ga*ga) + eps, else avg = sqrt(sq) + eps;
+// momentum: buf = momentum*buf + g/avg, p -= lr*buf; else p -= lr*g/avg.
+// No bias correction; the step still advances (torch.optim keeps it in the state). centered,
+// momentum and maximize are per-tensor runtime values; the HAS_CENTERED / HAS_MOMENTUM template
+// flags only compile their code in or out.
+#include "launchers.h"
+#include "multi_tensor.cuh"
+
+namespace fusedopt {
+namespace cuda {
+namespace {
+
+__global__ void __launch_bounds__(kPrologueBlock)
+    rmsprop_prologue_kernel(const int64_t* tmeta, int64_t n_tensors, const double* hyper,
+                            const int64_t* gptr, double* glr, int64_t n_groups, float* scal) {
+  resolve_group_lrs(hyper, gptr, glr, n_groups);
+  __syncthreads();  // the group lrs just written are read below by other threads
+  for (int64_t t = threadIdx.x; t < n_tensors; t += blockDim.x) {
+    const int64_t* row = tmeta + t * TMETA_WIDTH;
+    advance_step(row);
+    const int64_t grp = row[T_GROUP];
+    const double* h = hyper + grp * HYPER_WIDTH;
+    const double alpha = h[rmsprop_col::alpha];
+    float* s = scal + t * SCAL_WIDTH;
+    s[rmsprop_scal::lr] = static_cast<float>(glr[grp]);
+    s[rmsprop_scal::alpha] = static_cast<float>(alpha);
+    s[rmsprop_scal::w] = static_cast<float>(1.0 - alpha);
+    s[rmsprop_scal::eps] = static_cast<float>(h[rmsprop_col::eps]);
+    s[rmsprop_scal::weight_decay] = static_cast<float>(h[rmsprop_col::weight_decay]);
+    s[rmsprop_scal::momentum] = static_cast<float>(h[rmsprop_col::momentum]);
+    s[rmsprop_scal::sign] = h[rmsprop_col::maximize] != 0.0 ? -1.0f : 1.0f;
+    s[rmsprop_scal::centered] = static_cast<float>(h[rmsprop_col::centered]);
+  }
+}
+
+// One tensor's update over a chunk: its pointers and the prologue's scalars.
+template <typename T, bool HAS_CENTERED, bool HAS_MOMENTUM>
+struct RmspropUpdate {
+  T* p;
+  const T* g;
+  T* sq;
+  T* buf;  // touched only when use_momentum
+  T* ga;   // touched only when centered
+  float neg_lr, alpha, w, eps, wd, momentum, sign;
+  bool l2, centered, use_momentum;
+
+  template <int N>
+  __device__ __forceinline__ void apply(int64_t i) const {
+    float rp[N], rg[N], rsq[N], rga[N], rbuf[N];
+    load(p + i, rp);
+    load(g + i, rg);
+    load(sq + i, rsq);
+    if (HAS_CENTERED && centered) load(ga + i, rga);
+    if (HAS_MOMENTUM && use_momentum) load(buf + i, rbuf);
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      float gk = rg[k] * sign;
+      if (l2) gk = __fmaf_rn(rp[k], wd, gk);
+      rsq[k] = __fmaf_rn(w * gk, gk, rsq[k] * alpha);
+      float var = rsq[k];
+      if (HAS_CENTERED && centered) {
+        rga[k] = lerp(rga[k], gk, w);
+        var = __fmaf_rn(-rga[k], rga[k], rsq[k]);
+      }
+      const float avg = __fsqrt_rn(var) + eps;
+      if (HAS_MOMENTUM && use_momentum) {
+        rbuf[k] = rbuf[k] * momentum + __fdiv_rn(gk, avg);
+        rp[k] = __fmaf_rn(rbuf[k], neg_lr, rp[k]);
+      } else {
+        rp[k] = rp[k] + __fdiv_rn(neg_lr * gk, avg);
+      }
+    }
+    store(p + i, rp);
+    store(sq + i, rsq);
+    if (HAS_CENTERED && centered) store(ga + i, rga);
+    if (HAS_MOMENTUM && use_momentum) store(buf + i, rbuf);
+  }
+};
+
+// One block per chunk.
+template <typename T, bool HAS_CENTERED, bool HAS_MOMENTUM>
+__global__ void __launch_bounds__(kBlock)
+    rmsprop_main_kernel(const int64_t* __restrict__ tmeta, const int64_t* __restrict__ grads,
+                        const float* __restrict__ scal, const int64_t* __restrict__ chunks,
+                        int64_t chunk_size) {
+  const int64_t chunk = blockIdx.x;
+  const int64_t t = chunks[2 * chunk];
+  const int64_t start = chunks[2 * chunk + 1];
+  const int64_t* row = tmeta + t * TMETA_WIDTH;
+  const float* s = scal + t * SCAL_WIDTH;
+  RmspropUpdate<T, HAS_CENTERED, HAS_MOMENTUM> op;
+  op.p = ptr_at<T>(row[T_PARAM]);
+  op.g = ptr_at<const T>(grads[t]);
+  op.sq = ptr_at<T>(row[T_S0]);
+  op.buf = ptr_at<T>(row[T_S1]);
+  op.ga = ptr_at<T>(row[T_S2]);
+  op.neg_lr = -s[rmsprop_scal::lr];
+  op.alpha = s[rmsprop_scal::alpha];
+  op.w = s[rmsprop_scal::w];
+  op.eps = s[rmsprop_scal::eps];
+  op.wd = s[rmsprop_scal::weight_decay];
+  op.momentum = s[rmsprop_scal::momentum];
+  op.sign = s[rmsprop_scal::sign];
+  op.l2 = op.wd != 0.0f;
+  op.centered = s[rmsprop_scal::centered] != 0.0f;
+  op.use_momentum = op.momentum > 0.0f;
+  const bool vector = start % kVec<T> == 0 && aligned16(op.p) && aligned16(op.g) &&
+                      aligned16(op.sq) &&
+                      (!(HAS_CENTERED && op.centered) || aligned16(op.ga)) &&
+                      (!(HAS_MOMENTUM && op.use_momentum) || aligned16(op.buf));
+  const int64_t end = min(start + chunk_size, row[T_NUMEL]);
+  for_each_in_chunk<kVec<T>>(op, start, end, vector);
+}
+
+template <typename T, bool HAS_CENTERED, bool HAS_MOMENTUM>
+cudaError_t launch_variant(const int64_t* tmeta, const int64_t* grads, const float* scal,
+                           const int64_t* chunks, int64_t n_chunks, int64_t chunk_size,
+                           cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(n_chunks));
+  rmsprop_main_kernel<T, HAS_CENTERED, HAS_MOMENTUM>
+      <<<grid, kBlock, 0, stream>>>(tmeta, grads, scal, chunks, chunk_size);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_main(const int64_t* tmeta, const int64_t* grads, const float* scal,
+                        const int64_t* chunks, int64_t n_chunks, int64_t chunk_size,
+                        bool has_centered, bool has_momentum, cudaStream_t stream) {
+  const auto launch = has_centered ? (has_momentum ? launch_variant<T, true, true>
+                                                   : launch_variant<T, true, false>)
+                                   : (has_momentum ? launch_variant<T, false, true>
+                                                   : launch_variant<T, false, false>);
+  return launch(tmeta, grads, scal, chunks, n_chunks, chunk_size, stream);
+}
+
+cudaError_t rmsprop_main(const int64_t* tmeta, const int64_t* grads, const float* scal,
+                         const int64_t* chunks, int64_t n_chunks, int64_t chunk_size, int dtype,
+                         bool has_centered, bool has_momentum, cudaStream_t stream) {
+  if (!chunk_grid_fits(n_chunks)) return cudaErrorInvalidValue;
+  if (n_chunks == 0) return cudaSuccess;
+  switch (dtype) {
+    case DTYPE_FLOAT32:
+      return launch_main<float>(tmeta, grads, scal, chunks, n_chunks, chunk_size, has_centered,
+                                has_momentum, stream);
+    case DTYPE_BFLOAT16:
+      return launch_main<__nv_bfloat16>(tmeta, grads, scal, chunks, n_chunks, chunk_size,
+                                        has_centered, has_momentum, stream);
+    case DTYPE_FLOAT16:
+      return launch_main<__half>(tmeta, grads, scal, chunks, n_chunks, chunk_size, has_centered,
+                                 has_momentum, stream);
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace fusedopt
+
+extern "C" int fusedopt_cuda_rmsprop_prologue(const int64_t* tmeta, int64_t n_tensors,
+                                              const double* hyper, const int64_t* gptr,
+                                              double* glr, int64_t n_groups, float* scal,
+                                              void* stream) {
+  using namespace fusedopt::cuda;
+  rmsprop_prologue_kernel<<<1, kPrologueBlock, 0, static_cast<cudaStream_t>(stream)>>>(
+      tmeta, n_tensors, hyper, gptr, glr, n_groups, scal);
+  return cudaGetLastError();
+}
+
+extern "C" int fusedopt_cuda_rmsprop_main(const int64_t* tmeta, const int64_t* grads,
+                                          const float* scal, const int64_t* chunks,
+                                          int64_t n_chunks, int64_t chunk_size, int dtype,
+                                          bool has_centered, bool has_momentum, void* stream) {
+  return fusedopt::cuda::rmsprop_main(tmeta, grads, scal, chunks, n_chunks, chunk_size, dtype,
+                                      has_centered, has_momentum,
+                                      static_cast<cudaStream_t>(stream));
+}

@@ -1,0 +1,131 @@
+"""The CUDA kernels in csrc/cuda compile with nvcc for sm_80 and sm_90 without register spills (no
+GPU needed), and csrc/cuda/launchers.h is a self-contained C++ header.
+
+``pytest -s`` prints ptxas's registers and spills per kernel and arch, so CI logs keep them.
+"""
+
+import os
+import re
+import shutil
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CUDA_DIR = ROOT / "csrc" / "cuda"
+SOURCES = sorted(CUDA_DIR.glob("*.cu"))
+ARCHS = ("80", "90")
+# Kernels per arch: one prologue plus the main kernel for 3 dtypes x the template flags
+# (adam: HAS_AMSGRAD; rmsprop: HAS_CENTERED x HAS_MOMENTUM).
+KERNELS_PER_ARCH = {"adam.cu": 1 + 3 * 2, "rmsprop.cu": 1 + 3 * 4}
+# What torch's CUDAExtension defines: the kernels must not rely on implicit half/bf16 conversions.
+TORCH_DEFINES = (
+    "-D__CUDA_NO_HALF_OPERATORS__",
+    "-D__CUDA_NO_HALF_CONVERSIONS__",
+    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+    "-D__CUDA_NO_HALF2_OPERATORS__",
+)
+
+_ENTRY = re.compile(r"Compiling entry function '(\w+)' for 'sm_(\d+)'")
+_SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+_REGISTERS = re.compile(r"Used (\d+) registers")
+
+
+def _find_nvcc():
+    candidates = [shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"]
+    if os.environ.get("CUDA_HOME"):
+        candidates.insert(1, os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc"))
+    return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
+
+
+def _nvcc_command(nvcc, src, out):
+    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHS]
+    include = ["-I", str(ROOT / "csrc" / "include")]
+    flags = ["-c", "-std=c++17", "-O3", "-fmad=false", "-Xptxas", "-v", *TORCH_DEFINES]
+    return [nvcc, *flags, *include, *gencode, "-o", str(out), str(src)]
+
+
+def _kernel_stats(ptxas_log):
+    """[kernel, arch, registers, spill bytes] for each entry function in ``nvcc -Xptxas -v``'s
+    log. Spills of any callee ptxas reports for an entry count towards that entry."""
+    rows, row = [], None
+    for line in ptxas_log.splitlines():
+        if m := _ENTRY.search(line):
+            row = [m[1], f"sm_{m[2]}", None, 0]
+            rows.append(row)
+        elif row is not None and (m := _SPILLS.search(line)):
+            row[3] += int(m[1]) + int(m[2])
+        elif row is not None and (m := _REGISTERS.search(line)):
+            row[2] = int(m[1])
+    return rows
+
+
+def _short_names(mangled):
+    """``adam_main_kernel<float, true>`` for each mangled name (unchanged without c++filt)."""
+    cxxfilt = shutil.which("c++filt")
+    if cxxfilt is None or not mangled:
+        return mangled
+    out = subprocess.run([cxxfilt], input="\n".join(mangled), capture_output=True, text=True)
+    names = out.stdout.splitlines()
+    if out.returncode != 0 or len(names) != len(mangled):
+        return mangled
+    short = []
+    for name in names:
+        name = name.replace("(anonymous namespace)::", "")
+        name = re.sub(r"^void ", "", name.split("(", 1)[0])
+        short.append(re.sub(r"^(\w+::)+", "", name))
+    return short
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    """(source, nvcc result, seconds) per .cu file, compiled two at a time."""
+    nvcc = _find_nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found (neither on PATH, in $CUDA_HOME/bin nor /usr/local/cuda/bin)")
+    out_dir = tmp_path_factory.mktemp("cuda_objects")
+
+    def build(src):
+        t0 = time.perf_counter()
+        cmd = _nvcc_command(nvcc, src, out_dir / f"{src.stem}.o")
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        return src, res, time.perf_counter() - t0
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return list(pool.map(build, SOURCES))
+
+
+def test_kernels_compile_for_sm80_sm90_without_spills(compiled):
+    assert [s.name for s in SOURCES] == sorted(KERNELS_PER_ARCH)
+    table = []
+    for src, res, seconds in compiled:
+        assert res.returncode == 0, f"nvcc failed on {src.name}:\n{res.stderr[-6000:]}"
+        rows = _kernel_stats(res.stdout + res.stderr)
+        for arch in ARCHS:
+            n = sum(r[1] == f"sm_{arch}" for r in rows)
+            assert n == KERNELS_PER_ARCH[src.name], (src.name, arch, n)
+        assert all(r[2] is not None for r in rows), rows
+        for row, name in zip(rows, _short_names([r[0] for r in rows])):
+            table.append([src.name, name, *row[1:]])
+        print(f"\n{src.name}: compiled in {seconds:.1f} s")
+    width = max(len(r[1]) for r in table)
+    print(f"\n{'file':<12} {'kernel':<{width}} {'arch':<6} {'regs':>4} {'spill bytes':>11}")
+    for file, name, arch, regs, spills in sorted(table):
+        print(f"{file:<12} {name:<{width}} {arch:<6} {regs:>4} {spills:>11}")
+    spilling = [r for r in table if r[4] > 0]
+    assert not spilling, f"register spills: {spilling}"
+
+
+def test_launchers_header_is_self_contained(tmp_path):
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler (g++ or c++) on PATH")
+    tu = tmp_path / "uses_launchers.cpp"
+    tu.write_text('#include "launchers.h"\n')
+    flags = ["-std=c++17", "-fsyntax-only", "-Wall", "-Wextra", "-pedantic", "-Werror"]
+    cmd = [cxx, *flags, "-I", str(CUDA_DIR), str(tu)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
