@@ -129,3 +129,22 @@ def test_launchers_header_is_self_contained(tmp_path):
     cmd = [cxx, *flags, "-I", str(CUDA_DIR), str(tu)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
+
+
+def test_cuda_binding_compiles_against_torch():
+    """csrc/cuda/binding.cpp includes no CUDA header, so it compiles here against the CPU torch:
+    the op signatures it registers stay in step with the launchers and torch's API."""
+    from torch.utils.cpp_extension import include_paths
+
+    root = Path(__file__).resolve().parents[1]
+    cmd = [
+        "g++",
+        "-fsyntax-only",
+        "-std=c++20",
+        f"-I{root / 'csrc' / 'include'}",
+        f"-I{root / 'csrc' / 'cuda'}",
+        *(f"-I{p}" for p in include_paths()),
+        str(root / "csrc" / "cuda" / "binding.cpp"),
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-4000:]

@@ -22,9 +22,12 @@ def load(name):
     if name not in _LOADED:
         path = os.path.join(_HERE, f"{name}.so")
         if not os.path.exists(path):
-            _LOADED[name] = (
-                f"fusedopt/{name}.so was not built (pip install --no-build-isolation . builds it)"
+            why = (
+                "torch is a CPU-only build, and the CUDA library is built only against a CUDA torch"
+                if name == "_cuda" and not torch.version.cuda
+                else "pip install --no-build-isolation . builds it"
             )
+            _LOADED[name] = f"fusedopt/{name}.so was not built ({why})"
         else:
             try:
                 if name != "_C":
