@@ -55,7 +55,7 @@ class DeviceWork:
 
 def _is_dense(t):
     """True when ``t`` covers exactly ``numel`` consecutive elements from ``data_ptr``."""
-    if t.numel() <= 1:
+    if t.numel() <= 1 or t.is_contiguous():
         return True
     expected = 1
     for size, stride in sorted(
