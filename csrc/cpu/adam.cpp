@@ -14,21 +14,7 @@ void adam_prologue(const int64_t* tmeta, int64_t n_tensors, const double* hyper,
     const int64_t* row = tmeta + t * TMETA_WIDTH;
     int64_t step = advance_step(row);
     int64_t g = row[T_GROUP];
-    const double* h = hyper + g * HYPER_WIDTH;
-    double lr = glr[g];
-    double beta1 = h[adam_col::beta1], beta2 = h[adam_col::beta2], wd = h[adam_col::weight_decay];
-    bool decoupled = h[adam_col::decoupled] != 0.0;
-    float* s = scal + t * SCAL_WIDTH;
-    s[adam_scal::step_size] = static_cast<float>(lr / (1.0 - pow_int(beta1, step)));
-    s[adam_scal::bc2_sqrt] = static_cast<float>(std::sqrt(1.0 - pow_int(beta2, step)));
-    s[adam_scal::p_mul] = static_cast<float>(decoupled ? 1.0 - lr * wd : 1.0);
-    s[adam_scal::g_wd] = static_cast<float>(decoupled ? 0.0 : wd);
-    s[adam_scal::w1] = static_cast<float>(1.0 - beta1);
-    s[adam_scal::beta2] = static_cast<float>(beta2);
-    s[adam_scal::w2] = static_cast<float>(1.0 - beta2);
-    s[adam_scal::eps] = static_cast<float>(h[adam_col::eps]);
-    s[adam_scal::sign] = h[adam_col::maximize] != 0.0 ? -1.0f : 1.0f;
-    s[adam_scal::amsgrad] = static_cast<float>(h[adam_col::amsgrad]);
+    adam_scalars(hyper + g * HYPER_WIDTH, glr[g], step, scal + t * SCAL_WIDTH);
   }
 }
 
@@ -50,9 +36,9 @@ inline void adam_run(typename Storage<D>::type* __restrict__ p,
   for (int64_t i = begin; i < end; ++i) {
     float pi = ld<D>(p, i) * p_mul;
     float gi = ld<D>(g, i) * sign;
-    if constexpr (L2) gi = __builtin_fmaf(pi, g_wd, gi);
+    if constexpr (L2) gi = fmaf(pi, g_wd, gi);
     float mi = lerp(ld<D>(m, i), gi, w1);
-    float vi = __builtin_fmaf(w2 * gi, gi, ld<D>(v, i) * beta2);
+    float vi = fmaf(w2 * gi, gi, ld<D>(v, i) * beta2);
     float used = vi;
     if constexpr (AMSGRAD) {
       float mx = ld<D>(vmax, i);

@@ -1,5 +1,6 @@
 // Shared pieces of fusedopt's CPU kernels (torch-free): element conversions, the step prologue's
-// group-lr resolution, integer powers, and the target list for runtime ISA dispatch.
+// group-lr loop (the scalar math is in fusedopt/step_math.h, shared with CUDA), and the target
+// list for runtime ISA dispatch.
 //
 // Rounding follows torch's CPU kernels, so that fp32 results agree to an ulp or two: an explicit
 // fmaf where torch's vectorized kernels fuse (add with alpha, addcmul, lerp) and nowhere else
@@ -11,6 +12,7 @@
 #include <cstring>
 
 #include "fusedopt/layout.h"
+#include "fusedopt/step_math.h"
 
 namespace fusedopt::cpu {
 
@@ -69,48 +71,12 @@ static inline typename Storage<D>::type* addr(int64_t a) {
   return reinterpret_cast<typename Storage<D>::type*>(a);
 }
 
-// torch.lerp as torch's vectorized CPU kernel computes it: one FMA from the nearer end.
-static inline float lerp(float a, float b, float w) {
-  float d = b - a;
-  return w < 0.5f ? __builtin_fmaf(w, d, a) : __builtin_fmaf(w - 1.0f, d, b);
-}
-
-// base**n for integer-valued n >= 0, by squaring (float64: 1 - beta2**t keeps its digits).
-static inline double pow_int(double base, int64_t n) {
-  double result = 1.0;
-  while (n > 0) {
-    if (n & 1) result *= base;
-    base *= base;
-    n >>= 1;
-  }
-  return result;
-}
-
 // Each group's lr for this step (float64, into glr); advances the Noam counters.
 static inline void resolve_group_lrs(const double* hyper, const int64_t* gptr, double* glr,
                                      int64_t n_groups) {
   for (int64_t g = 0; g < n_groups; ++g) {
-    const double* h = hyper + g * HYPER_WIDTH;
-    const int64_t* ptrs = gptr + g * GPTR_WIDTH;
-    int mode = static_cast<int>(h[H_MODE]);
-    double lr = h[H_LR];
-    if (mode == LR_TENSOR) {
-      lr = *reinterpret_cast<const float*>(ptrs[G_LR_PTR]);
-    } else if (mode == LR_NOAM) {
-      float* counter = reinterpret_cast<float*>(ptrs[G_COUNTER_PTR]);
-      *counter += 1.0f;
-      double t = *counter;
-      lr = h[H_NOAM_SCALE] * std::fmin(1.0 / std::sqrt(t), t * h[H_NOAM_WARMUP]);
-    }
-    glr[g] = lr;
+    glr[g] = group_lr(hyper + g * HYPER_WIDTH, gptr + g * GPTR_WIDTH);
   }
-}
-
-// Advances tensor t's step; returns the new value.
-static inline int64_t advance_step(const int64_t* row) {
-  float* step = reinterpret_cast<float*>(row[T_STEP]);
-  *step += 1.0f;
-  return static_cast<int64_t>(*step);
 }
 
 }  // namespace fusedopt::cpu

@@ -14,17 +14,7 @@ void rmsprop_prologue(const int64_t* tmeta, int64_t n_tensors, const double* hyp
     const int64_t* row = tmeta + t * TMETA_WIDTH;
     advance_step(row);
     int64_t g = row[T_GROUP];
-    const double* h = hyper + g * HYPER_WIDTH;
-    double alpha = h[rmsprop_col::alpha];
-    float* s = scal + t * SCAL_WIDTH;
-    s[rmsprop_scal::lr] = static_cast<float>(glr[g]);
-    s[rmsprop_scal::alpha] = static_cast<float>(alpha);
-    s[rmsprop_scal::w] = static_cast<float>(1.0 - alpha);
-    s[rmsprop_scal::eps] = static_cast<float>(h[rmsprop_col::eps]);
-    s[rmsprop_scal::weight_decay] = static_cast<float>(h[rmsprop_col::weight_decay]);
-    s[rmsprop_scal::momentum] = static_cast<float>(h[rmsprop_col::momentum]);
-    s[rmsprop_scal::sign] = h[rmsprop_col::maximize] != 0.0 ? -1.0f : 1.0f;
-    s[rmsprop_scal::centered] = static_cast<float>(h[rmsprop_col::centered]);
+    rmsprop_scalars(hyper + g * HYPER_WIDTH, glr[g], scal + t * SCAL_WIDTH);
   }
 }
 
@@ -43,19 +33,19 @@ inline void rmsprop_run(typename Storage<D>::type* __restrict__ p,
   for (int64_t i = begin; i < end; ++i) {
     float pi = ld<D>(p, i);
     float gi = ld<D>(g, i) * sign;
-    if constexpr (WD) gi = __builtin_fmaf(pi, wd, gi);
-    float sqi = __builtin_fmaf(w * gi, gi, ld<D>(sq, i) * alpha);
+    if constexpr (WD) gi = fmaf(pi, wd, gi);
+    float sqi = fmaf(w * gi, gi, ld<D>(sq, i) * alpha);
     float var = sqi;
     if constexpr (CENTERED) {
       float gai = lerp(ld<D>(ga, i), gi, w);
       st<D>(ga, i, gai);
-      var = __builtin_fmaf(-gai, gai, sqi);
+      var = fmaf(-gai, gai, sqi);
     }
     float avg = std::sqrt(var) + eps;
     if constexpr (MOMENTUM) {
       float bi = ld<D>(buf, i) * momentum + gi / avg;
       st<D>(buf, i, bi);
-      pi = __builtin_fmaf(bi, -lr, pi);
+      pi = fmaf(bi, -lr, pi);
     } else {
       pi = pi + (-lr * gi) / avg;
     }

@@ -22,23 +22,7 @@ __global__ void __launch_bounds__(kPrologueBlock)
     const int64_t* row = tmeta + t * TMETA_WIDTH;
     const int64_t step = advance_step(row);
     const int64_t grp = row[T_GROUP];
-    const double* h = hyper + grp * HYPER_WIDTH;
-    const double lr = glr[grp];
-    const double beta1 = h[adam_col::beta1];
-    const double beta2 = h[adam_col::beta2];
-    const double wd = h[adam_col::weight_decay];
-    const bool decoupled = h[adam_col::decoupled] != 0.0;
-    float* s = scal + t * SCAL_WIDTH;
-    s[adam_scal::step_size] = static_cast<float>(lr / (1.0 - pow_int(beta1, step)));
-    s[adam_scal::bc2_sqrt] = static_cast<float>(sqrt(1.0 - pow_int(beta2, step)));
-    s[adam_scal::p_mul] = static_cast<float>(decoupled ? 1.0 - lr * wd : 1.0);
-    s[adam_scal::g_wd] = static_cast<float>(decoupled ? 0.0 : wd);
-    s[adam_scal::w1] = static_cast<float>(1.0 - beta1);
-    s[adam_scal::beta2] = static_cast<float>(beta2);
-    s[adam_scal::w2] = static_cast<float>(1.0 - beta2);
-    s[adam_scal::eps] = static_cast<float>(h[adam_col::eps]);
-    s[adam_scal::sign] = h[adam_col::maximize] != 0.0 ? -1.0f : 1.0f;
-    s[adam_scal::amsgrad] = static_cast<float>(h[adam_col::amsgrad]);
+    adam_scalars(hyper + grp * HYPER_WIDTH, glr[grp], step, scal + t * SCAL_WIDTH);
   }
 }
 

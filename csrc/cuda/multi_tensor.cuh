@@ -1,9 +1,10 @@
-// What the fused multi-tensor kernels share: typed loads and stores (128-bit packs or single
-// elements), the chunk loop, torch's lerp, and the step prologue's pieces (group lr resolution,
-// step counters, integer powers). Torch-free: CUDA's headers and fusedopt/layout.h only.
+// What the fused multi-tensor CUDA kernels share: typed loads and stores (128-bit packs or single
+// elements), the chunk loop, torch.maximum, and the prologue's group-lr loop (the scalar math is
+// in fusedopt/step_math.h, shared with the CPU kernels). Torch-free: CUDA's headers and
+// fusedopt/*.h only.
 //
 // Rounding follows torch's kernels, which is what makes fp32 parity "close to rounding": a
-// multiply-add is one __fmaf_rn exactly where torch fuses it (add(alpha=), addcmul, lerp) and two
+// multiply-add is one FMA exactly where torch fuses it (add(alpha=), addcmul, lerp) and two
 // rounded operations everywhere else; division and square root are the correctly rounded
 // __fdiv_rn / __fsqrt_rn whatever -prec-div / -prec-sqrt say. This holds only if nvcc contracts
 // nothing by itself, so these files are compiled with -fmad=false (and never --use_fast_math,
@@ -18,6 +19,7 @@
 #include <cuda_runtime.h>
 
 #include "fusedopt/layout.h"
+#include "fusedopt/step_math.h"
 
 namespace fusedopt {
 namespace cuda {
@@ -117,62 +119,19 @@ __device__ __forceinline__ void for_each_in_chunk(const Op& op, int64_t start, i
   for (int64_t i = scalar_start + threadIdx.x; i < end; i += blockDim.x) op.template apply<1>(i);
 }
 
-// torch.lerp as torch computes it (CUDA, and CPU vectorized): one FMA from the nearer end.
-// Written as one FMA of selected operands (bit-identical to
-// w < 0.5f ? fma(w, b - a, a) : fma(w - 1, b - a, b)) so that a block-uniform w costs no branch.
-__device__ __forceinline__ float lerp(float a, float b, float w) {
-  const bool from_a = w < 0.5f;
-  return __fmaf_rn(from_a ? w : w - 1.0f, b - a, from_a ? a : b);
-}
-
 // torch.maximum: NaN in either operand propagates (fmaxf would drop it).
 __device__ __forceinline__ float maximum(float a, float b) {
   return a != a ? a : (b != b ? b : fmaxf(a, b));
 }
 
-// ---- step prologue (one block; float64 so that 1 - beta**t keeps its digits, as torch.optim's
-// host-side Python arithmetic does) ---------------------------------------------------------------
-
-// base**n for n >= 0 by squaring: the same products, in the same order, as the Triton prologue.
-__device__ __forceinline__ double pow_int(double base, int64_t n) {
-  double result = 1.0;
-  for (; n > 0; n >>= 1) {
-    if (n & 1) result *= base;
-    base *= base;
-  }
-  return result;
-}
-
-// Writes each group's lr for this step to glr (float64): the float lr, the float32 tensor lr
-// read through its address, or the Noam rate scale * min(t^-1/2, t * warmup_coeff) after adding
-// one to the group's float32 counter t (stored back). Call from every thread of the block, then
-// __syncthreads() before reading glr.
+// ---- step prologue (one block) ----------------------------------------------------------------
+// Writes each group's lr for this step to glr (float64). Call from every thread of the block,
+// then __syncthreads() before reading glr.
 __device__ __forceinline__ void resolve_group_lrs(const double* hyper, const int64_t* gptr,
                                                   double* glr, int64_t n_groups) {
   for (int64_t g = threadIdx.x; g < n_groups; g += blockDim.x) {
-    const double* h = hyper + g * HYPER_WIDTH;
-    const int64_t* ptrs = gptr + g * GPTR_WIDTH;
-    const double mode = h[H_MODE];
-    double lr = h[H_LR];
-    if (mode == LR_TENSOR) {
-      lr = *ptr_at<const float>(ptrs[G_LR_PTR]);
-    } else if (mode == LR_NOAM) {
-      float* counter = ptr_at<float>(ptrs[G_COUNTER_PTR]);
-      const float count = *counter + 1.0f;
-      *counter = count;
-      const double t = fmax(static_cast<double>(count), 1.0);
-      lr = h[H_NOAM_SCALE] * fmin(1.0 / sqrt(t), t * h[H_NOAM_WARMUP]);
-    }
-    glr[g] = lr;
+    glr[g] = group_lr(hyper + g * HYPER_WIDTH, gptr + g * GPTR_WIDTH);
   }
-}
-
-// Adds one to a tensor's float32 step (as torch.optim keeps it); returns the new step.
-__device__ __forceinline__ int64_t advance_step(const int64_t* tmeta_row) {
-  float* step = ptr_at<float>(tmeta_row[T_STEP]);
-  const float s = *step + 1.0f;
-  *step = s;
-  return static_cast<int64_t>(s);
 }
 
 }  // namespace cuda

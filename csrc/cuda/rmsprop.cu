@@ -23,17 +23,7 @@ __global__ void __launch_bounds__(kPrologueBlock)
     const int64_t* row = tmeta + t * TMETA_WIDTH;
     advance_step(row);
     const int64_t grp = row[T_GROUP];
-    const double* h = hyper + grp * HYPER_WIDTH;
-    const double alpha = h[rmsprop_col::alpha];
-    float* s = scal + t * SCAL_WIDTH;
-    s[rmsprop_scal::lr] = static_cast<float>(glr[grp]);
-    s[rmsprop_scal::alpha] = static_cast<float>(alpha);
-    s[rmsprop_scal::w] = static_cast<float>(1.0 - alpha);
-    s[rmsprop_scal::eps] = static_cast<float>(h[rmsprop_col::eps]);
-    s[rmsprop_scal::weight_decay] = static_cast<float>(h[rmsprop_col::weight_decay]);
-    s[rmsprop_scal::momentum] = static_cast<float>(h[rmsprop_col::momentum]);
-    s[rmsprop_scal::sign] = h[rmsprop_col::maximize] != 0.0 ? -1.0f : 1.0f;
-    s[rmsprop_scal::centered] = static_cast<float>(h[rmsprop_col::centered]);
+    rmsprop_scalars(hyper + grp * HYPER_WIDTH, glr[grp], scal + t * SCAL_WIDTH);
   }
 }
 

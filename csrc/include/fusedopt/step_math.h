@@ -1,0 +1,88 @@
+// The scalar math of a step that every native kernel shares (torch-free; host and device): a
+// group's lr, the per-tensor scalars of the step prologue, integer powers and torch's lerp.
+// The Triton prologue in kernels/ computes the same values with the same float64 formulas.
+#pragma once
+#include <cmath>
+#include <cstdint>
+
+#include "fusedopt/layout.h"
+
+#ifdef __CUDACC__
+#define FUSEDOPT_HD __host__ __device__ __forceinline__
+#else
+#define FUSEDOPT_HD inline
+#endif
+
+namespace fusedopt {
+
+// base**n for integer-valued n >= 0, by squaring (float64: 1 - beta2**t keeps its digits, as in
+// torch.optim's host-side Python arithmetic).
+FUSEDOPT_HD double pow_int(double base, int64_t n) {
+  double result = 1.0;
+  for (; n > 0; n >>= 1) {
+    if (n & 1) result *= base;
+    base *= base;
+  }
+  return result;
+}
+
+// torch.lerp as torch computes it (CUDA, and CPU vectorized): one FMA from the nearer end,
+// written as one FMA of selected operands so that a uniform w costs no branch.
+FUSEDOPT_HD float lerp(float a, float b, float w) {
+  const bool from_a = w < 0.5f;
+  return fmaf(from_a ? w : w - 1.0f, b - a, from_a ? a : b);
+}
+
+// One group's lr for this step (h: its row of the hyper table, ptrs: of the gptr table): the
+// float lr, the float32 tensor lr read through its address, or the Noam rate
+// scale * min(t^-1/2, t * warmup^-1.5) after adding one to the group's float32 counter t.
+FUSEDOPT_HD double group_lr(const double* h, const int64_t* ptrs) {
+  const double mode = h[H_MODE];
+  if (mode == LR_TENSOR) return *reinterpret_cast<const float*>(ptrs[G_LR_PTR]);
+  if (mode != LR_NOAM) return h[H_LR];
+  float* counter = reinterpret_cast<float*>(ptrs[G_COUNTER_PTR]);
+  const float count = *counter + 1.0f;
+  *counter = count;
+  const double t = fmax(static_cast<double>(count), 1.0);
+  return h[H_NOAM_SCALE] * fmin(1.0 / sqrt(t), t * h[H_NOAM_WARMUP]);
+}
+
+// Adds one to a tensor's float32 step (as torch.optim keeps it); returns the new step.
+FUSEDOPT_HD int64_t advance_step(const int64_t* tmeta_row) {
+  float* step = reinterpret_cast<float*>(tmeta_row[T_STEP]);
+  const float next = *step + 1.0f;
+  *step = next;
+  return static_cast<int64_t>(next);
+}
+
+// The per-tensor scalars Adam's main pass reads (h: the group's hyper row, lr: its lr this step).
+FUSEDOPT_HD void adam_scalars(const double* h, double lr, int64_t step, float* s) {
+  const double beta1 = h[adam_col::beta1], beta2 = h[adam_col::beta2];
+  const double wd = h[adam_col::weight_decay];
+  const bool decoupled = h[adam_col::decoupled] != 0.0;
+  s[adam_scal::step_size] = static_cast<float>(lr / (1.0 - pow_int(beta1, step)));
+  s[adam_scal::bc2_sqrt] = static_cast<float>(sqrt(1.0 - pow_int(beta2, step)));
+  s[adam_scal::p_mul] = static_cast<float>(decoupled ? 1.0 - lr * wd : 1.0);
+  s[adam_scal::g_wd] = static_cast<float>(decoupled ? 0.0 : wd);
+  s[adam_scal::w1] = static_cast<float>(1.0 - beta1);
+  s[adam_scal::beta2] = static_cast<float>(beta2);
+  s[adam_scal::w2] = static_cast<float>(1.0 - beta2);
+  s[adam_scal::eps] = static_cast<float>(h[adam_col::eps]);
+  s[adam_scal::sign] = h[adam_col::maximize] != 0.0 ? -1.0f : 1.0f;
+  s[adam_scal::amsgrad] = static_cast<float>(h[adam_col::amsgrad]);
+}
+
+// The per-tensor scalars RMSprop's main pass reads.
+FUSEDOPT_HD void rmsprop_scalars(const double* h, double lr, float* s) {
+  const double alpha = h[rmsprop_col::alpha];
+  s[rmsprop_scal::lr] = static_cast<float>(lr);
+  s[rmsprop_scal::alpha] = static_cast<float>(alpha);
+  s[rmsprop_scal::w] = static_cast<float>(1.0 - alpha);
+  s[rmsprop_scal::eps] = static_cast<float>(h[rmsprop_col::eps]);
+  s[rmsprop_scal::weight_decay] = static_cast<float>(h[rmsprop_col::weight_decay]);
+  s[rmsprop_scal::momentum] = static_cast<float>(h[rmsprop_col::momentum]);
+  s[rmsprop_scal::sign] = h[rmsprop_col::maximize] != 0.0 ? -1.0f : 1.0f;
+  s[rmsprop_scal::centered] = static_cast<float>(h[rmsprop_col::centered]);
+}
+
+}  // namespace fusedopt
