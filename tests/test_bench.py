@@ -1,0 +1,97 @@
+"""The benchmark harness: byte model, roofline arithmetic, presets, and the CLI end to end."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fusedopt import bench
+
+
+@pytest.mark.parametrize(
+    "optimizer,dtype,flags,expected",
+    [
+        ("adamw", torch.float32, {}, 28),
+        ("adam", torch.float32, {"amsgrad": True}, 36),
+        ("adamw-noam", torch.float32, {}, 28),
+        ("adamw", torch.bfloat16, {}, 14),
+        ("rmsprop", torch.float32, {}, 20),
+        ("rmsprop", torch.float32, {"momentum": True}, 28),
+        ("rmsprop", torch.float32, {"momentum": True, "centered": True}, 36),
+        ("rmsprop", torch.float16, {}, 10),
+    ],
+)
+def test_bytes_per_param(optimizer, dtype, flags, expected):
+    """The table of ../shared/FACTS.md: each input read once, each output written once."""
+    assert bench.bytes_per_param(optimizer, dtype, **flags) == expected
+
+
+def test_roofline_arithmetic():
+    # 1e9 fp32 AdamW params at 3.0 TB/s cannot step faster than 9.33 ms (FACTS.md's H100 figure)
+    assert bench.roofline_seconds(1e9, 28, 3.0e12) == pytest.approx(28 / 3000)
+    assert bench.achieved(1e9, 28, 28 / 3000) == pytest.approx(3.0e12)
+    assert bench.achieved(2e6, 20, 1e-3) == pytest.approx(40e9)
+
+
+def test_presets_have_the_models_sizes():
+    count = {name: sum(math.prod(s) for s in make()) for name, (_, make) in bench.PRESETS.items()}
+    assert count["gpt2-small"] == 124_439_808  # GPT-2 small's published parameter count
+    assert 60e6 < count["transformer-base"] < 66e6  # the paper reports 65M for the base model
+    assert 1.2e9 < count["llama-1b"] < 1.3e9  # Llama 3.2 1B: 1.24B
+    assert count["many-small"] == 10_000 * 4096 and len(bench.PRESETS["many-small"][1]()) == 10_000
+    assert len(bench.PRESETS["huge"][1]()) == 1
+
+
+def test_cli_end_to_end(tmp_path):
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fusedopt.bench",
+            "--device",
+            "cpu",
+            "--preset",
+            "tiny",
+            "--optimizer",
+            "adamw",
+            "--optimizer",
+            "rmsprop",
+            "--repeats",
+            "2",
+            "--warmup",
+            "1",
+            "--out",
+            str(tmp_path),
+            "--plot",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "| tiny | adamw | float32 | torch fused |" in out.stdout
+    files = {p.suffix for p in tmp_path.iterdir()}
+    assert files == {".csv", ".json", ".md", ".png"}
+    data = json.loads(next(tmp_path.glob("*.json")).read_text())
+    env = data["environment"]
+    for key in ("torch", "device", "git_commit", "date", "fusedopt"):
+        assert key in env
+    providers = {(r["optimizer"], r["provider"]) for r in data["rows"]}
+    assert ("adamw", "torch fused") in providers and ("rmsprop", "torch fused") not in providers
+    assert ("adamw", "fusedopt torch") in providers
+    for r in data["rows"]:
+        assert r["ms"] > 0 and r["gb_s"] == pytest.approx(
+            r["params"] * r["bytes_per_param"] / (r["ms"] / 1e3) / 1e9
+        )
+        best = min(
+            x["ms"]
+            for x in data["rows"]
+            if x["optimizer"] == r["optimizer"] and x["provider"].startswith("torch")
+        )
+        assert r["speedup_vs_torch_best"] == pytest.approx(best / r["ms"])
+    csv_lines = next(tmp_path.glob("*.csv")).read_text().splitlines()
+    assert len(csv_lines) == 1 + len(data["rows"]) and "git_commit" in csv_lines[0]
