@@ -1,5 +1,5 @@
-# The README's commands. `make setup` is idempotent and quick once everything is installed.
-.PHONY: setup demo test
+# The README's commands (bench: the main job). `make setup` is idempotent and quick once everything is installed.
+.PHONY: setup demo test bench
 
 setup:
 	bash scripts/setup_env.sh
@@ -9,3 +9,6 @@ demo: setup
 
 test: setup
 	TRITON_INTERPRET=1 python3 -m pytest -q tests
+
+bench: setup
+	python3 -m fusedopt.bench --quick
