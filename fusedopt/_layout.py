@@ -57,5 +57,9 @@ ADAM_SCAL = (
 )
 RMSPROP_SCAL = ("lr", "alpha", "w", "eps", "weight_decay", "momentum", "sign", "centered")
 
+# the per-device clip buffer (float32 [2]): the coefficient the update multiplies grads by, and the
+# global grad norm (for logging)
+CLIP_COEF, CLIP_NORM = 0, 1
+
 # dtype codes of the native kernels
 DTYPE_CODES = {"float32": 0, "bfloat16": 1, "float16": 2}

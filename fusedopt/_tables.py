@@ -33,6 +33,8 @@ class DeviceTables:
         self._tkey = self._gkey = self._hkey = None
         self.tmeta = self.grads = self.chunks = self.scal = None
         self.hyper = self.gptr = self.glr = None
+        self.partials = self.clip = None
+        self.n_chunks = 0
         self.bucket_chunks = []  # (dtype, chunk table view) per bucket with at least one chunk
         self.bucket_offsets = [0]
         self.n_tensors = 0
@@ -74,6 +76,10 @@ class DeviceTables:
             self.glr = torch.zeros(n, dtype=torch.float64, device=self.device)
             self._hkey = hkey
         return self
+
+    def bucket_ranges(self):
+        """(dtype, chunk-table view, index of its first chunk) per bucket with chunks."""
+        return [(d, c, first) for (d, c), first in zip(self.bucket_chunks, self.bucket_offsets)]
 
     def _group_row(self, glr, hyper):
         row = [0.0] * L.HYPER_WIDTH
@@ -117,6 +123,10 @@ class DeviceTables:
         starts = (torch.arange(owner.numel(), dtype=torch.int64) - first[owner]) * self.chunk
         chunks = torch.stack([owner, starts], dim=1).contiguous()
         self.chunks = _upload(chunks, self.device)
+        self.n_chunks = chunks.shape[0]
+        # clipping: one sum of squares per chunk, then (coefficient, norm)
+        self.partials = torch.zeros(max(1, self.n_chunks), dtype=torch.float32, device=self.device)
+        self.clip = torch.zeros(L.CLIP_NORM + 1, dtype=torch.float32, device=self.device)
         self.bucket_chunks = []
         self.bucket_offsets = [0]  # chunk-list offsets of the buckets in bucket_chunks, and the end
         ends = torch.cumsum(counts, 0).tolist()

@@ -24,6 +24,9 @@ class Adam(FusedOptimizer):
     (``"auto"``, ``"triton"``, ``"torch"``). ``lr`` may be a float, a 1-element tensor (read on the
     device every step) or a :class:`fusedopt.Noam` schedule (evaluated in the kernel).
     ``foreach``, ``fused`` and ``capturable`` are accepted for compatibility: every step is fused.
+    ``max_grad_norm`` clips the gradients by their global L2 norm inside the step, as
+    ``torch.nn.utils.clip_grad_norm_`` would before it (``.grad`` itself is left unclipped).
+    GradScaler's scale and inf checks are applied in the kernel, as torch's ``fused=True`` does.
     """
 
     _op = "adam"
@@ -45,6 +48,7 @@ class Adam(FusedOptimizer):
         fused=None,
         decoupled_weight_decay=False,
         backend="auto",
+        max_grad_norm=None,
     ):
         if fused and foreach:
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
@@ -62,7 +66,7 @@ class Adam(FusedOptimizer):
             "decoupled_weight_decay": decoupled_weight_decay,
         }
         self._validate(defaults)
-        super().__init__(params, defaults, backend)
+        super().__init__(params, defaults, backend, max_grad_norm)
 
     def _validate(self, group, in_step=False):
         check_common(group["lr"], group["eps"], group["weight_decay"], in_step)
@@ -123,6 +127,7 @@ class AdamW(Adam):
         differentiable=False,
         fused=None,
         backend="auto",
+        max_grad_norm=None,
     ):
         super().__init__(
             params,
@@ -138,6 +143,7 @@ class AdamW(Adam):
             fused=fused,
             decoupled_weight_decay=True,
             backend=backend,
+            max_grad_norm=max_grad_norm,
         )
 
     def __setstate__(self, state):

@@ -51,6 +51,10 @@ class DeviceWork:
     buckets: list = field(default_factory=list)  # (dtype, first slot, end slot)
     lrs: list = field(default_factory=list)  # GroupLR per param group (every group, in order)
     hyper: list = field(default_factory=list)  # per param group: the optimizer's hyperparameters
+    # GradScaler's tensors on this device (or None) and the clipping threshold (or None)
+    amp: dict = field(
+        default_factory=lambda: {"grad_scale": None, "found_inf": None, "max_norm": None}
+    )
 
 
 def _is_dense(t):
@@ -67,6 +71,13 @@ def _is_dense(t):
     return True
 
 
+def _scalar_on(t, device):
+    """A GradScaler tensor as a contiguous float32 0-d tensor on ``device`` (no host sync)."""
+    if t is None:
+        return None
+    return t.reshape(()).to(device=device, dtype=torch.float32, non_blocking=True).contiguous()
+
+
 def _to_param_layout(value, p):
     """A fresh tensor with ``p``'s dtype, device and strides holding ``value`` (never an alias)."""
     out = torch.empty_like(p, memory_format=torch.preserve_format)
@@ -80,7 +91,15 @@ class FusedOptimizer(torch.optim.Optimizer):
     _op = None  # "adam" or "rmsprop": the backend op
     _state_names = ()  # the three state slots, in kernel order
 
-    def __init__(self, params, defaults, backend="auto"):
+    # torch.amp.GradScaler's contract for fused optimizers: it hands step() its scale and found_inf
+    # tensors (as the attributes grad_scale and found_inf) instead of unscaling the grads itself.
+    _step_supports_amp_scaling = True
+
+    def __init__(self, params, defaults, backend="auto", max_grad_norm=None):
+        if max_grad_norm is not None and not 0.0 < max_grad_norm < math.inf:
+            raise ValueError(f"Invalid max_grad_norm value: {max_grad_norm}")
+        self.max_grad_norm = max_grad_norm
+        self._last_grad_norm = None
         if defaults.get("differentiable"):
             raise RuntimeError(
                 f"fusedopt.{type(self).__name__} does not support differentiable=True: its fused "
@@ -278,7 +297,23 @@ class FusedOptimizer(torch.optim.Optimizer):
                 by_device.setdefault(self._noam_device(group), [])
         for device in by_device:
             backends.require(self._backend_for(device), device)
-        return {d: DeviceWork(d, slots=items) for d, items in by_device.items()}
+        if self.max_grad_norm is not None and len(by_device) > 1:
+            raise ValueError(
+                "fusedopt: max_grad_norm clips by the norm over all gradients, computed on one "
+                f"device; these parameters are on {sorted(map(str, by_device))}. Call "
+                "torch.nn.utils.clip_grad_norm_ before step() instead."
+            )
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        work = {}
+        for device, items in by_device.items():
+            w = work[device] = DeviceWork(device, slots=items)
+            w.amp = {
+                "grad_scale": _scalar_on(grad_scale, device),
+                "found_inf": _scalar_on(found_inf, device),
+                "max_norm": self.max_grad_norm,
+            }
+        return work
 
     def _prepare(self, work):
         """Create missing state, then fill ``work`` in the form the backends read."""
@@ -330,6 +365,12 @@ class FusedOptimizer(torch.optim.Optimizer):
                 return GroupLR(LR_FLOAT, value=float(lr))  # a host read, not a device sync
             return GroupLR(LR_TENSOR, tensor=lr.reshape(()).to(device=device, dtype=torch.float32))
         return GroupLR(LR_FLOAT, value=float(lr))
+
+    @property
+    def last_grad_norm(self):
+        """The global grad norm of the last step with ``max_grad_norm`` (a 0-d device tensor
+        snapshot, read without a sync; None before). A step GradScaler skipped keeps the last."""
+        return None if self._last_grad_norm is None else self._last_grad_norm.clone()
 
     def _set_last_lr(self, work, last):
         """Backends call this with a [n_groups] device tensor of the lrs ``work`` used."""

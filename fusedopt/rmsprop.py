@@ -9,7 +9,8 @@ class RMSprop(FusedOptimizer):
     """RMSprop with torch.optim's arguments, defaults, state and state_dict, plus ``backend``.
 
     ``lr`` may be a float, a 1-element tensor or a :class:`fusedopt.Noam` schedule. ``foreach`` and
-    ``capturable`` are accepted for compatibility: every step is fused.
+    ``capturable`` are accepted for compatibility: every step is fused. ``max_grad_norm`` and
+    GradScaler work as for :class:`fusedopt.AdamW`.
     """
 
     _op = "rmsprop"
@@ -30,6 +31,7 @@ class RMSprop(FusedOptimizer):
         differentiable=False,
         *,
         backend="auto",
+        max_grad_norm=None,
     ):
         defaults = {
             "lr": lr,
@@ -44,7 +46,7 @@ class RMSprop(FusedOptimizer):
             "differentiable": differentiable,
         }
         self._validate(defaults)
-        super().__init__(params, defaults, backend)
+        super().__init__(params, defaults, backend, max_grad_norm)
 
     def _validate(self, group, in_step=False):
         check_common(group["lr"], group["eps"], group["weight_decay"], in_step)

@@ -13,11 +13,7 @@ import triton.language as tl
 
 from .. import _layout as L
 from .multi_tensor import (
-    BLOCK,
     HYPER_WIDTH,
-    ITERS,
-    LAUNCH_OPTIONS,
-    PROLOGUE_BLOCK,
     SCAL_WIDTH,
     T_GROUP,
     T_NUMEL,
@@ -25,14 +21,15 @@ from .multi_tensor import (
     T_S0,
     T_S1,
     T_S2,
-    TL_DTYPE,
     TMETA_WIDTH,
     advance_steps,
     cast_out,
-    chunk_grid,
+    grad_in,
     lerp,
+    live_count,
     pow_int,
-    resolve_group_lrs,
+    prologue_common,
+    run_step,
 )
 
 H_BETA1 = tl.constexpr(L.ADAM_COLS["beta1"])
@@ -50,9 +47,38 @@ S_STEP_SIZE, S_BC2_SQRT, S_P_MUL, S_G_WD, S_W1, S_BETA2, S_W2, S_EPS, S_SIGN, S_
 
 
 @triton.jit
-def _adam_prologue(tmeta, n_tensors, hyper, gptr, glr, n_groups, scal, BLOCK_T: tl.constexpr):
-    resolve_group_lrs(hyper, gptr, glr, n_groups, BLOCK_T)
-    tl.debug_barrier()  # the group lrs just written are read below by other threads
+def _adam_prologue(
+    tmeta,
+    n_tensors,
+    hyper,
+    gptr,
+    glr,
+    n_groups,
+    scal,
+    partials,
+    n_partials,
+    clip,
+    max_norm,
+    found_inf,
+    HAS_INF: tl.constexpr,
+    CLIP: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    active = prologue_common(
+        hyper,
+        gptr,
+        glr,
+        n_groups,
+        partials,
+        n_partials,
+        clip,
+        max_norm,
+        found_inf,
+        HAS_INF,
+        CLIP,
+        BLOCK_T,
+    )
+    n_tensors = n_tensors * active
     for t0 in range(0, n_tensors, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
         live = t < n_tensors
@@ -90,7 +116,13 @@ def _adam_main(
     grads,
     scal,
     chunks,
+    grad_scale,
+    found_inf,
+    clip,
     DTYPE: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_INF: tl.constexpr,
+    CLIP: tl.constexpr,
     HAS_AMSGRAD: tl.constexpr,
     BLOCK: tl.constexpr,
     ITERS: tl.constexpr,
@@ -103,7 +135,7 @@ def _adam_main(
     m_ptr = tl.load(row + T_S0).to(tl.pointer_type(DTYPE))
     v_ptr = tl.load(row + T_S1).to(tl.pointer_type(DTYPE))
     vmax_ptr = tl.load(row + T_S2).to(tl.pointer_type(DTYPE))
-    numel = tl.load(row + T_NUMEL)
+    numel = live_count(tl.load(row + T_NUMEL), found_inf, HAS_INF)
     g_ptr = tl.load(grads + t).to(tl.pointer_type(DTYPE))
     s = scal + t * SCAL_WIDTH
     step_size = tl.load(s + S_STEP_SIZE)
@@ -122,6 +154,7 @@ def _adam_main(
         mask = offs < numel
         p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
         g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
+        g = grad_in(g, g_ptr, offs, mask, grad_scale, clip, HAS_SCALE, CLIP, DTYPE)
         m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
         v = tl.load(v_ptr + offs, mask=mask).to(tl.float32)
         g = g * sign
@@ -143,28 +176,6 @@ def _adam_main(
         tl.store(v_ptr + offs, cast_out(v, DTYPE), mask=mask)
 
 
-def adam_step(tables, has_amsgrad):
-    """One Adam/AdamW step over ``tables`` (a ``fusedopt._tables.DeviceTables``)."""
-    _adam_prologue[(1,)](
-        tables.tmeta,
-        tables.n_tensors,
-        tables.hyper,
-        tables.gptr,
-        tables.glr,
-        tables.hyper.shape[0],
-        tables.scal,
-        BLOCK_T=PROLOGUE_BLOCK,
-        **LAUNCH_OPTIONS,
-    )
-    for dtype, chunks in tables.bucket_chunks:
-        _adam_main[chunk_grid(chunks)](
-            tables.tmeta,
-            tables.grads,
-            tables.scal,
-            chunks,
-            DTYPE=TL_DTYPE[dtype],
-            HAS_AMSGRAD=has_amsgrad,
-            BLOCK=BLOCK,
-            ITERS=ITERS,
-            **LAUNCH_OPTIONS,
-        )
+def adam_step(tables, amp, has_amsgrad):
+    """One Adam/AdamW step over ``tables``; ``amp`` as ``multi_tensor.run_step`` takes it."""
+    run_step(tables, amp, _adam_prologue, _adam_main, HAS_AMSGRAD=has_amsgrad)

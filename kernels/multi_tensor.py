@@ -43,6 +43,8 @@ H_NOAM_SCALE = tl.constexpr(L.H_NOAM_SCALE)
 H_NOAM_WARMUP = tl.constexpr(L.H_NOAM_WARMUP)
 SCAL_WIDTH = tl.constexpr(L.SCAL_WIDTH)
 LR_TENSOR = tl.constexpr(L.LR_TENSOR)
+CLIP_COEF = tl.constexpr(L.CLIP_COEF)
+CLIP_NORM = tl.constexpr(L.CLIP_NORM)
 LR_NOAM = tl.constexpr(L.LR_NOAM)
 
 TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -135,6 +137,172 @@ def cast_out(x, DTYPE: tl.constexpr):
         return _bf16_rne(x)
     else:
         return x.to(DTYPE)
+
+
+@triton.jit
+def live_count(n, found_inf, HAS_INF: tl.constexpr):
+    """``n``, or 0 when GradScaler found an inf/NaN: a skipped step touches nothing."""
+    if HAS_INF:
+        return tl.where(tl.load(found_inf) != 0.0, 0, n)
+    else:
+        return n
+
+
+@triton.jit
+def grad_in(
+    g,
+    g_ptr,
+    offs,
+    mask,
+    grad_scale,
+    clip,
+    HAS_SCALE: tl.constexpr,
+    CLIP: tl.constexpr,
+    DTYPE: tl.constexpr,
+):
+    """The gradient the update uses: unscaled (and written back unscaled, as torch's fused
+    optimizers do for GradScaler), then multiplied by the clip coefficient."""
+    if HAS_SCALE:
+        g = tl.div_rn(g, tl.load(grad_scale))
+        tl.store(g_ptr + offs, cast_out(g, DTYPE), mask=mask)
+    if CLIP:
+        g = g * tl.load(clip + CLIP_COEF)
+    return g
+
+
+@triton.jit
+def resolve_clip(partials, n_partials, clip, max_norm, live, BLOCK: tl.constexpr):
+    """Global grad norm from the per-chunk sums of squares (added in a fixed order: the result does
+    not depend on scheduling), and torch's clip coefficient min(1, max_norm / (norm + 1e-6)).
+    Nothing is written when ``live`` is 0 (a skipped step keeps the last norm)."""
+    acc = tl.zeros((BLOCK,), tl.float64)
+    for c0 in range(0, n_partials, BLOCK):
+        c = c0 + tl.arange(0, BLOCK)
+        acc += tl.load(partials + c, mask=c < n_partials, other=0.0).to(tl.float64)
+    norm = tl.sqrt(tl.sum(acc, axis=0)).to(tl.float32)
+    coef = tl.minimum(tl.div_rn(max_norm, norm + 1e-6), 1.0, propagate_nan=tl.PropagateNan.ALL)
+    tl.store(clip + CLIP_COEF, coef, mask=live != 0)
+    tl.store(clip + CLIP_NORM, norm, mask=live != 0)
+
+
+@triton.jit
+def prologue_common(
+    hyper,
+    gptr,
+    glr,
+    n_groups,
+    partials,
+    n_partials,
+    clip,
+    max_norm,
+    found_inf,
+    HAS_INF: tl.constexpr,
+    CLIP: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """The optimizer-independent half of a prologue: group lrs, Noam counters, clip coefficient.
+    Returns 1, or 0 when GradScaler found an inf/NaN (then nothing advances)."""
+    live = live_count(1, found_inf, HAS_INF)
+    resolve_group_lrs(hyper, gptr, glr, n_groups * live, BLOCK)
+    if CLIP:
+        resolve_clip(partials, n_partials, clip, max_norm, live, BLOCK)
+    tl.debug_barrier()  # what was just written is read next by other threads
+    return live
+
+
+@triton.jit
+def _sumsq_main(
+    tmeta,
+    grads,
+    chunks,
+    partials,
+    grad_scale,
+    found_inf,
+    DTYPE: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_INF: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ITERS: tl.constexpr,
+):
+    """The clipping pre-pass: each chunk's sum of squares of the (unscaled) gradient."""
+    pid = tl.program_id(0).to(tl.int64)
+    t = tl.load(chunks + 2 * pid)
+    start = tl.load(chunks + 2 * pid + 1)
+    numel = live_count(tl.load(tmeta + t * TMETA_WIDTH + T_NUMEL), found_inf, HAS_INF)
+    g_ptr = tl.load(grads + t).to(tl.pointer_type(DTYPE))
+    acc = tl.zeros((BLOCK,), tl.float32)
+    for i in tl.static_range(ITERS):
+        offs = start + i * BLOCK + tl.arange(0, BLOCK)
+        g = tl.load(g_ptr + offs, mask=offs < numel, other=0.0).to(tl.float32)
+        if HAS_SCALE:
+            g = tl.div_rn(g, tl.load(grad_scale))
+        acc = tl.fma(g, g, acc)
+    tl.store(partials + pid, tl.sum(acc, axis=0))
+
+
+def run_step(tables, amp, prologue, main, **flags):
+    """One step of an optimizer over ``tables`` (a ``fusedopt._tables.DeviceTables``): with
+    clipping, a sum-of-squares pre-pass per bucket; then the prologue; then the update per bucket.
+
+    ``amp``: ``grad_scale``, ``found_inf`` (GradScaler's tensors, or None) and ``max_norm`` (or
+    None). ``flags``: the optimizer's constexpr flags for its main kernel.
+    """
+    grad_scale, found_inf, max_norm = amp["grad_scale"], amp["found_inf"], amp["max_norm"]
+    stand_in = tables.clip  # any float32 tensor: never read when its flag is off
+    scale = stand_in if grad_scale is None else grad_scale
+    inf = stand_in if found_inf is None else found_inf
+    opts = dict(
+        HAS_SCALE=grad_scale is not None,
+        HAS_INF=found_inf is not None,
+        BLOCK=BLOCK,
+        ITERS=ITERS,
+        **LAUNCH_OPTIONS,
+    )
+    clip = max_norm is not None
+    if clip:
+        for dtype, chunks, first in tables.bucket_ranges():
+            _sumsq_main[chunk_grid(chunks)](
+                tables.tmeta,
+                tables.grads,
+                chunks,
+                tables.partials[first:],
+                scale,
+                inf,
+                DTYPE=TL_DTYPE[dtype],
+                **opts,
+            )
+    prologue[(1,)](
+        tables.tmeta,
+        tables.n_tensors,
+        tables.hyper,
+        tables.gptr,
+        tables.glr,
+        tables.hyper.shape[0],
+        tables.scal,
+        tables.partials,
+        tables.n_chunks,
+        tables.clip,
+        float(max_norm or 0.0),
+        inf,
+        HAS_INF=found_inf is not None,
+        CLIP=clip,
+        BLOCK_T=PROLOGUE_BLOCK,
+        **LAUNCH_OPTIONS,
+    )
+    for dtype, chunks, _ in tables.bucket_ranges():
+        main[chunk_grid(chunks)](
+            tables.tmeta,
+            tables.grads,
+            tables.scal,
+            chunks,
+            scale,
+            inf,
+            tables.clip,
+            DTYPE=TL_DTYPE[dtype],
+            CLIP=clip,
+            **opts,
+            **flags,
+        )
 
 
 def chunk_grid(chunks):

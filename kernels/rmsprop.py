@@ -14,11 +14,7 @@ import triton.language as tl
 
 from .. import _layout as L
 from .multi_tensor import (
-    BLOCK,
     HYPER_WIDTH,
-    ITERS,
-    LAUNCH_OPTIONS,
-    PROLOGUE_BLOCK,
     SCAL_WIDTH,
     T_GROUP,
     T_NUMEL,
@@ -26,13 +22,14 @@ from .multi_tensor import (
     T_S0,
     T_S1,
     T_S2,
-    TL_DTYPE,
     TMETA_WIDTH,
     advance_steps,
     cast_out,
-    chunk_grid,
+    grad_in,
     lerp,
-    resolve_group_lrs,
+    live_count,
+    prologue_common,
+    run_step,
 )
 
 H_ALPHA = tl.constexpr(L.RMSPROP_COLS["alpha"])
@@ -48,9 +45,38 @@ S_LR, S_ALPHA, S_W, S_EPS, S_WD, S_MOMENTUM, S_SIGN, S_CENTERED = (
 
 
 @triton.jit
-def _rmsprop_prologue(tmeta, n_tensors, hyper, gptr, glr, n_groups, scal, BLOCK_T: tl.constexpr):
-    resolve_group_lrs(hyper, gptr, glr, n_groups, BLOCK_T)
-    tl.debug_barrier()  # the group lrs just written are read below by other threads
+def _rmsprop_prologue(
+    tmeta,
+    n_tensors,
+    hyper,
+    gptr,
+    glr,
+    n_groups,
+    scal,
+    partials,
+    n_partials,
+    clip,
+    max_norm,
+    found_inf,
+    HAS_INF: tl.constexpr,
+    CLIP: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    active = prologue_common(
+        hyper,
+        gptr,
+        glr,
+        n_groups,
+        partials,
+        n_partials,
+        clip,
+        max_norm,
+        found_inf,
+        HAS_INF,
+        CLIP,
+        BLOCK_T,
+    )
+    n_tensors = n_tensors * active
     for t0 in range(0, n_tensors, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
         live = t < n_tensors
@@ -81,7 +107,13 @@ def _rmsprop_main(
     grads,
     scal,
     chunks,
+    grad_scale,
+    found_inf,
+    clip,
     DTYPE: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_INF: tl.constexpr,
+    CLIP: tl.constexpr,
     HAS_CENTERED: tl.constexpr,
     HAS_MOMENTUM: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -95,7 +127,7 @@ def _rmsprop_main(
     sq_ptr = tl.load(row + T_S0).to(tl.pointer_type(DTYPE))
     buf_ptr = tl.load(row + T_S1).to(tl.pointer_type(DTYPE))
     ga_ptr = tl.load(row + T_S2).to(tl.pointer_type(DTYPE))
-    numel = tl.load(row + T_NUMEL)
+    numel = live_count(tl.load(row + T_NUMEL), found_inf, HAS_INF)
     g_ptr = tl.load(grads + t).to(tl.pointer_type(DTYPE))
     s = scal + t * SCAL_WIDTH
     lr = tl.load(s + S_LR)
@@ -113,6 +145,7 @@ def _rmsprop_main(
         mask = offs < numel
         p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
         g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
+        g = grad_in(g, g_ptr, offs, mask, grad_scale, clip, HAS_SCALE, CLIP, DTYPE)
         sq = tl.load(sq_ptr + offs, mask=mask).to(tl.float32)
         g = g * sign
         g = tl.where(wd != 0.0, tl.fma(p, wd, g), g)
@@ -137,29 +170,13 @@ def _rmsprop_main(
         tl.store(sq_ptr + offs, cast_out(sq, DTYPE), mask=mask)
 
 
-def rmsprop_step(tables, has_centered, has_momentum):
-    """One RMSprop step over ``tables`` (a ``fusedopt._tables.DeviceTables``)."""
-    _rmsprop_prologue[(1,)](
-        tables.tmeta,
-        tables.n_tensors,
-        tables.hyper,
-        tables.gptr,
-        tables.glr,
-        tables.hyper.shape[0],
-        tables.scal,
-        BLOCK_T=PROLOGUE_BLOCK,
-        **LAUNCH_OPTIONS,
+def rmsprop_step(tables, amp, has_centered, has_momentum):
+    """One RMSprop step over ``tables``; ``amp`` as ``multi_tensor.run_step`` takes it."""
+    run_step(
+        tables,
+        amp,
+        _rmsprop_prologue,
+        _rmsprop_main,
+        HAS_CENTERED=has_centered,
+        HAS_MOMENTUM=has_momentum,
     )
-    for dtype, chunks in tables.bucket_chunks:
-        _rmsprop_main[chunk_grid(chunks)](
-            tables.tmeta,
-            tables.grads,
-            tables.scal,
-            chunks,
-            DTYPE=TL_DTYPE[dtype],
-            HAS_CENTERED=has_centered,
-            HAS_MOMENTUM=has_momentum,
-            BLOCK=BLOCK,
-            ITERS=ITERS,
-            **LAUNCH_OPTIONS,
-        )

@@ -45,6 +45,8 @@ def test_header_matches_python_layout():
         "H_NOAM_WARMUP": L.H_NOAM_WARMUP,
         "HYPER_WIDTH": L.HYPER_WIDTH,
         "SCAL_WIDTH": L.SCAL_WIDTH,
+        "CLIP_COEF": L.CLIP_COEF,
+        "CLIP_NORM": L.CLIP_NORM,
         "DTYPE_FLOAT32": L.DTYPE_CODES["float32"],
         "DTYPE_BFLOAT16": L.DTYPE_CODES["bfloat16"],
         "DTYPE_FLOAT16": L.DTYPE_CODES["float16"],

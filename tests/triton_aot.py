@@ -23,6 +23,13 @@ PROLOGUE_SIG = {
     "glr": "*fp64",
     "n_groups": "i32",
     "scal": "*fp32",
+    "partials": "*fp32",
+    "n_partials": "i32",
+    "clip": "*fp32",
+    "max_norm": "fp32",
+    "found_inf": "*fp32",
+    "HAS_INF": "constexpr",
+    "CLIP": "constexpr",
     "BLOCK_T": "constexpr",
 }
 MAIN_SIG = {
@@ -30,47 +37,69 @@ MAIN_SIG = {
     "grads": "*i64",
     "scal": "*fp32",
     "chunks": "*i64",
+    "grad_scale": "*fp32",
+    "found_inf": "*fp32",
+    "clip": "*fp32",
     "DTYPE": "constexpr",
+    "HAS_SCALE": "constexpr",
+    "HAS_INF": "constexpr",
+    "CLIP": "constexpr",
     "BLOCK": "constexpr",
     "ITERS": "constexpr",
 }
+SUMSQ_SIG = {
+    "tmeta": "*i64",
+    "grads": "*i64",
+    "chunks": "*i64",
+    "partials": "*fp32",
+    "grad_scale": "*fp32",
+    "found_inf": "*fp32",
+    "DTYPE": "constexpr",
+    "HAS_SCALE": "constexpr",
+    "HAS_INF": "constexpr",
+    "BLOCK": "constexpr",
+    "ITERS": "constexpr",
+}
+# GradScaler and clipping: all off, or all on (each flag only adds code)
+AMP = (
+    {"HAS_SCALE": False, "HAS_INF": False, "CLIP": False},
+    {"HAS_SCALE": True, "HAS_INF": True, "CLIP": True},
+)
+MAIN = {"BLOCK": multi_tensor.BLOCK, "ITERS": 4}
 
 
 def variants():
-    yield (
-        "adam_prologue",
-        adam._adam_prologue,
-        PROLOGUE_SIG,
-        {"BLOCK_T": multi_tensor.PROLOGUE_BLOCK},
-    )
-    yield (
-        "rmsprop_prologue",
-        rmsprop._rmsprop_prologue,
-        PROLOGUE_SIG,
-        {"BLOCK_T": multi_tensor.PROLOGUE_BLOCK},
-    )
-    for dtype, ams in itertools.product(multi_tensor.TL_DTYPE.values(), (False, True)):
-        yield (
-            f"adam_main[{dtype},amsgrad={ams}]",
-            adam._adam_main,
-            {**MAIN_SIG, "HAS_AMSGRAD": "constexpr"},
-            {"DTYPE": dtype, "HAS_AMSGRAD": ams, "BLOCK": multi_tensor.BLOCK, "ITERS": 4},
-        )
-    for dtype, c, m in itertools.product(
-        multi_tensor.TL_DTYPE.values(), (False, True), (False, True)
-    ):
-        yield (
-            f"rmsprop_main[{dtype},centered={c},momentum={m}]",
-            rmsprop._rmsprop_main,
-            {**MAIN_SIG, "HAS_CENTERED": "constexpr", "HAS_MOMENTUM": "constexpr"},
-            {
-                "DTYPE": dtype,
-                "HAS_CENTERED": c,
-                "HAS_MOMENTUM": m,
-                "BLOCK": multi_tensor.BLOCK,
-                "ITERS": 4,
-            },
-        )
+    for amp in AMP:
+        flags = {
+            "HAS_INF": amp["HAS_INF"],
+            "CLIP": amp["CLIP"],
+            "BLOCK_T": multi_tensor.PROLOGUE_BLOCK,
+        }
+        yield f"adam_prologue[{amp['CLIP']}]", adam._adam_prologue, PROLOGUE_SIG, flags
+        yield f"rmsprop_prologue[{amp['CLIP']}]", rmsprop._rmsprop_prologue, PROLOGUE_SIG, flags
+        for dtype in multi_tensor.TL_DTYPE.values():
+            yield (
+                f"sumsq[{dtype},{amp['HAS_SCALE']}]",
+                multi_tensor._sumsq_main,
+                SUMSQ_SIG,
+                {"DTYPE": dtype, "HAS_SCALE": amp["HAS_SCALE"], "HAS_INF": amp["HAS_INF"], **MAIN},
+            )
+        for dtype, ams in itertools.product(multi_tensor.TL_DTYPE.values(), (False, True)):
+            yield (
+                f"adam_main[{dtype},amsgrad={ams},{amp}]",
+                adam._adam_main,
+                {**MAIN_SIG, "HAS_AMSGRAD": "constexpr"},
+                {"DTYPE": dtype, "HAS_AMSGRAD": ams, **amp, **MAIN},
+            )
+        for dtype, c, m in itertools.product(
+            multi_tensor.TL_DTYPE.values(), (False, True), (False, True)
+        ):
+            yield (
+                f"rmsprop_main[{dtype},centered={c},momentum={m},{amp}]",
+                rmsprop._rmsprop_main,
+                {**MAIN_SIG, "HAS_CENTERED": "constexpr", "HAS_MOMENTUM": "constexpr"},
+                {"DTYPE": dtype, "HAS_CENTERED": c, "HAS_MOMENTUM": m, **amp, **MAIN},
+            )
 
 
 def main(archs):

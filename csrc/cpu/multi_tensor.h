@@ -71,6 +71,18 @@ static inline typename Storage<D>::type* addr(int64_t a) {
   return reinterpret_cast<typename Storage<D>::type*>(a);
 }
 
+// The gradient an update uses (see GradIn): unscaled and written back when UNSCALE, then times
+// the clip coefficient (1 without clipping: exact).
+template <int D, bool UNSCALE>
+static inline float grad_at(typename Storage<D>::type* g, int64_t i, float scale, float coef) {
+  float gi = ld<D>(g, i);
+  if constexpr (UNSCALE) {
+    gi = gi / scale;
+    st<D>(g, i, gi);
+  }
+  return gi * coef;
+}
+
 // Each group's lr for this step (float64, into glr); advances the Noam counters.
 static inline void resolve_group_lrs(const double* hyper, const int64_t* gptr, double* glr,
                                      int64_t n_groups) {

@@ -100,9 +100,14 @@ class NativeBackend:
             tables.gptr,
             tables.glr,
             tables.scal,
+            tables.partials,
+            tables.clip,
             dtypes,
             offsets,
             tables.chunk,
+            work.amp["grad_scale"],
+            work.amp["found_inf"],
+            work.amp["max_norm"],
         )
         if adam:
             has_amsgrad = any(s.states[2] is not None for s in slots)
@@ -112,3 +117,5 @@ class NativeBackend:
             has_momentum = any(s.states[1] is not None for s in slots)
             torch.ops.fusedopt.rmsprop_step(*args, has_centered, has_momentum, stream)
         opt._set_last_lr(work, tables.glr)
+        if work.amp["max_norm"] is not None:
+            opt._last_grad_norm = tables.clip[L.CLIP_NORM]

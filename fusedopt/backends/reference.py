@@ -11,12 +11,13 @@ import torch
 from .._layout import LR_FLOAT, LR_NOAM, LR_TENSOR
 
 
-def _group_lrs(work):
-    """Each group's lr for this step: a float, or a float64 0-d tensor on the device."""
+def _group_lrs(work, keep):
+    """Each group's lr for this step: a float, or a float64 0-d tensor on the device. ``keep``:
+    1, or a 0-d tensor that is 0 when GradScaler found an inf (the Noam counter then stays)."""
     lrs = []
     for glr in work.lrs:
         if glr.mode == LR_NOAM:
-            glr.counter.add_(1.0)
+            glr.counter.add_(keep)
             lrs.append(glr.noam.rate(glr.counter))
         elif glr.mode == LR_TENSOR:
             lrs.append(glr.tensor.to(torch.float64))
@@ -25,23 +26,44 @@ def _group_lrs(work):
     return lrs
 
 
+def _grads(work, skip):
+    """The float32 gradients the updates use: unscaled (and written back unscaled) under
+    GradScaler, then clipped by the global norm; and that norm (or None)."""
+    scale = work.amp["grad_scale"]
+    grads = []
+    for slot in work.slots:
+        g = slot.grad.float()
+        if scale is not None:
+            g = g / scale
+            _store(slot.grad, g, skip)
+        grads.append(g)
+    max_norm = work.amp["max_norm"]
+    if max_norm is None or not grads:
+        return grads, None
+    norm = torch.stack([g.double().square().sum() for g in grads]).sum().sqrt().float()
+    coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    return [g * coef for g in grads], norm
+
+
 def _f32(x):
     """A float32 0-d device tensor from a float64 one; floats stay Python floats."""
     return x.to(torch.float32) if isinstance(x, torch.Tensor) else x
 
 
-def _upcast(t):
-    return None if t is None else t.float()
+def _upcast(t, copy):
+    """float32 working copy of ``t`` (``t`` itself when it is float32 and ``copy`` is False)."""
+    return None if t is None else t.to(torch.float32, copy=copy)
 
 
-def _store(dst, value):
-    if dst is not None and value is not dst:
-        dst.copy_(value)
+def _store(dst, value, skip):
+    """Write ``value`` to ``dst``, or keep ``dst`` where ``skip`` (GradScaler found an inf)."""
+    if dst is None or value is dst:
+        return
+    dst.copy_(value if skip is None else torch.where(skip, dst, value.to(dst.dtype)))
 
 
-def _adam(slot, h, lr):
-    p, m, v, vmax = (_upcast(t) for t in (slot.param, *slot.states))
-    g = slot.grad.float()
+def _adam(slot, h, lr, g, skip):
+    p, m, v, vmax = (_upcast(t, skip is not None) for t in (slot.param, *slot.states))
     t = slot.step.to(torch.float64)
     beta1, beta2, wd = h["beta1"], h["beta2"], h["weight_decay"]
     step_size = _f32(lr / (1.0 - beta1**t))
@@ -62,12 +84,11 @@ def _adam(slot, h, lr):
     denom = (v_used.sqrt() / bc2_sqrt).add_(h["eps"])
     p.add_(m.mul(-step_size).div_(denom))  # addcdiv(value=-step_size), with a tensor value
     for dst, value in zip((slot.param, *slot.states), (p, m, v, vmax)):
-        _store(dst, value)
+        _store(dst, value, skip)
 
 
-def _rmsprop(slot, h, lr):
-    p, sq, buf, ga = (_upcast(t) for t in (slot.param, *slot.states))
-    g = slot.grad.float()
+def _rmsprop(slot, h, lr, g, skip):
+    p, sq, buf, ga = (_upcast(t, skip is not None) for t in (slot.param, *slot.states))
     alpha, wd, momentum = h["alpha"], h["weight_decay"], h["momentum"]
     if h["maximize"]:
         g = -g
@@ -88,7 +109,7 @@ def _rmsprop(slot, h, lr):
     else:
         p.add_(g.mul(neg_lr).div_(avg))  # addcdiv(value=-lr), with a tensor value
     for dst, value in zip((slot.param, *slot.states), (p, sq, buf, ga)):
-        _store(dst, value)
+        _store(dst, value, skip)
 
 
 class TorchBackend:
@@ -98,13 +119,23 @@ class TorchBackend:
         return None
 
     def run(self, opt, work):
-        lrs = _group_lrs(work)
+        found_inf = work.amp["found_inf"]
+        # A step GradScaler skips computes nothing it keeps: no host sync to find out.
+        skip = None if found_inf is None else found_inf != 0
+        keep = 1.0 if skip is None else (~skip).to(torch.float32)
+        lrs = _group_lrs(work, keep)
         steps = [s.step for s in work.slots]
         if steps:
-            torch._foreach_add_(steps, 1.0)
+            torch._foreach_add_(steps, keep)
+        grads, norm = _grads(work, skip)
         update = _adam if opt._op == "adam" else _rmsprop
-        for slot in work.slots:
-            update(slot, work.hyper[slot.group], lrs[slot.group])
+        for slot, g in zip(work.slots, grads):
+            update(slot, work.hyper[slot.group], lrs[slot.group], g, skip)
         opt._set_last_lr(
             work, [lr if glr.mode != LR_FLOAT else None for lr, glr in zip(lrs, work.lrs)]
         )
+        if norm is not None:
+            last = opt._last_grad_norm
+            opt._last_grad_norm = (
+                norm if skip is None or last is None else torch.where(skip, last, norm)
+            )

@@ -57,12 +57,17 @@ class TritonBackend:
         adam, rmsprop, _ = self._load()
         if opt._op == "adam":
             tables = self._tables(opt, work, L.ADAM_COLS)
-            adam.adam_step(tables, has_amsgrad=any(s.states[2] is not None for s in work.slots))
+            adam.adam_step(
+                tables, work.amp, has_amsgrad=any(s.states[2] is not None for s in work.slots)
+            )
         else:
             tables = self._tables(opt, work, L.RMSPROP_COLS)
             rmsprop.rmsprop_step(
                 tables,
+                work.amp,
                 has_centered=any(s.states[2] is not None for s in work.slots),
                 has_momentum=any(s.states[1] is not None for s in work.slots),
             )
         opt._set_last_lr(work, tables.glr)
+        if work.amp["max_norm"] is not None:
+            opt._last_grad_norm = tables.clip[L.CLIP_NORM]

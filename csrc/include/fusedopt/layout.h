@@ -38,6 +38,9 @@ constexpr int lr = 0, alpha = 1, w = 2, eps = 3, weight_decay = 4, momentum = 5,
               centered = 7;
 }
 
+// the per-device clip buffer, float32 [2]: the coefficient grads are multiplied by, the norm
+constexpr int CLIP_COEF = 0, CLIP_NORM = 1;
+
 // dtype codes
 constexpr int DTYPE_FLOAT32 = 0, DTYPE_BFLOAT16 = 1, DTYPE_FLOAT16 = 2;
 

@@ -55,6 +55,15 @@ FUSEDOPT_HD int64_t advance_step(const int64_t* tmeta_row) {
   return static_cast<int64_t>(next);
 }
 
+// torch.nn.utils.clip_grad_norm_'s coefficient min(1, max_norm / (norm + 1e-6)) in float32, from
+// the global sum of squares; writes (coefficient, norm) to clip (layout.h's CLIP_COEF, CLIP_NORM).
+FUSEDOPT_HD void clip_from_sumsq(double sumsq, float max_norm, float* clip) {
+  const float norm = static_cast<float>(sqrt(sumsq));
+  const float coef = max_norm / (norm + 1e-6f);
+  clip[CLIP_COEF] = coef != coef ? coef : fminf(coef, 1.0f);  // clamp(max=1) keeps a NaN
+  clip[CLIP_NORM] = norm;
+}
+
 // The per-tensor scalars Adam's main pass reads (h: the group's hyper row, lr: its lr this step).
 FUSEDOPT_HD void adam_scalars(const double* h, double lr, int64_t step, float* s) {
   const double beta1 = h[adam_col::beta1], beta2 = h[adam_col::beta2];
