@@ -59,7 +59,12 @@ def extensions():
         exts.append(
             CUDAExtension(
                 "fusedopt._cuda",
-                ["csrc/cuda/binding.cpp", "csrc/cuda/adam.cu", "csrc/cuda/rmsprop.cu"],
+                [
+                    "csrc/cuda/binding.cpp",
+                    "csrc/cuda/adam.cu",
+                    "csrc/cuda/rmsprop.cu",
+                    "csrc/cuda/sumsq.cu",
+                ],
                 include_dirs=include,
                 extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS},
             )

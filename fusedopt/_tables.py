@@ -13,10 +13,15 @@ import torch
 from . import _layout as L
 
 
-def _upload(host, device):
-    if device.type == "cuda":
-        return host.pin_memory().to(device, non_blocking=True)
-    return host.to(device)
+def _upload(host, device, keep):
+    """``host`` on ``device``. On CUDA through pinned memory, asynchronously; the pinned copy is
+    kept in ``keep`` until the table is rebuilt, so that a CUDA graph that captured the upload
+    replays it from memory that is still there."""
+    if device.type != "cuda":
+        return host.to(device)
+    pinned = host.pin_memory()
+    keep.append(pinned)
+    return pinned.to(device, non_blocking=True)
 
 
 def _addr(t):
@@ -34,6 +39,7 @@ class DeviceTables:
         self.tmeta = self.grads = self.chunks = self.scal = None
         self.hyper = self.gptr = self.glr = None
         self.partials = self.clip = None
+        self._pinned = {}  # table name -> pinned host copies of its last upload
         self.n_chunks = 0
         self.bucket_chunks = []  # (dtype, chunk table view) per bucket with at least one chunk
         self.bucket_offsets = [0]
@@ -60,18 +66,22 @@ class DeviceTables:
             host = (
                 torch.tensor(gkey, dtype=torch.int64) if gkey else torch.zeros(0, dtype=torch.int64)
             )
-            self.grads = _upload(host, self.device)
+            self._pinned["grads"] = []
+            self.grads = _upload(host, self.device, self._pinned["grads"])
             self._gkey = gkey
         hkey = tuple(self._group_row(glr, hyper) for glr, hyper in zip(work.lrs, work.hyper))
         if hkey != self._hkey:
             n = len(hkey)
+            self._pinned["hyper"] = []
             self.hyper = _upload(
                 torch.tensor([r[0] for r in hkey], dtype=torch.float64).reshape(n, L.HYPER_WIDTH),
                 self.device,
+                self._pinned["hyper"],
             )
             self.gptr = _upload(
                 torch.tensor([r[1] for r in hkey], dtype=torch.int64).reshape(n, L.GPTR_WIDTH),
                 self.device,
+                self._pinned["hyper"],
             )
             self.glr = torch.zeros(n, dtype=torch.float64, device=self.device)
             self._hkey = hkey
@@ -110,7 +120,8 @@ class DeviceTables:
             row[L.T_GROUP] = s.group
             rows.append(row)
         meta = torch.tensor(rows, dtype=torch.int64).reshape(n, L.TMETA_WIDTH)
-        self.tmeta = _upload(meta, self.device)
+        self._pinned["tensors"] = []
+        self.tmeta = _upload(meta, self.device, self._pinned["tensors"])
         self.scal = torch.empty(n, L.SCAL_WIDTH, dtype=torch.float32, device=self.device)
         self.n_tensors = n
         # Chunk list: (tensor index, first element) for every chunk of every tensor, bucket by
@@ -122,7 +133,7 @@ class DeviceTables:
         first = torch.cumsum(counts, 0) - counts
         starts = (torch.arange(owner.numel(), dtype=torch.int64) - first[owner]) * self.chunk
         chunks = torch.stack([owner, starts], dim=1).contiguous()
-        self.chunks = _upload(chunks, self.device)
+        self.chunks = _upload(chunks, self.device, self._pinned["tensors"])
         self.n_chunks = chunks.shape[0]
         # clipping: one sum of squares per chunk, then (coefficient, norm)
         self.partials = torch.zeros(max(1, self.n_chunks), dtype=torch.float32, device=self.device)

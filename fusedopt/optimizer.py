@@ -165,6 +165,10 @@ class FusedOptimizer(torch.optim.Optimizer):
                 out.append(lr)
         return out
 
+    # torch.compile runs step() eagerly: its inputs are cached device tables and pointer
+    # addresses, which Dynamo cannot trace, and guarding on hyperparameters would recompile the
+    # caller's graph at every lr change. The step itself is already one fused pass.
+    @torch._disable_dynamo(recursive=True)
     @torch.no_grad()
     def step(self, closure=None):
         loss = None

@@ -35,11 +35,26 @@ def test_opcheck_schema_and_fake(cls, kw, monkeypatch):
     tables = opt._tables[("cpu", torch.device("cpu"))].update(work)
     slots = work.slots
     args = (
-        [s.param for s in slots], [t for s in slots for t in s.states if t is not None],
-        [s.step for s in slots], [], [s.grad for s in slots], tables.tmeta, tables.grads,
-        tables.chunks, tables.hyper, tables.gptr, tables.glr, tables.scal, tables.partials,
-        tables.clip, [0], tables.bucket_offsets, tables.chunk,
-        torch.tensor(1024.0), torch.tensor(0.0), 1.0,  # GradScaler's scale, no inf; clipping
+        [s.param for s in slots],
+        [t for s in slots for t in s.states if t is not None],
+        [s.step for s in slots],
+        [],
+        [s.grad for s in slots],
+        tables.tmeta,
+        tables.grads,
+        tables.chunks,
+        tables.hyper,
+        tables.gptr,
+        tables.glr,
+        tables.scal,
+        tables.partials,
+        tables.clip,
+        [0],
+        tables.bucket_offsets,
+        tables.chunk,
+        torch.tensor(1024.0),
+        torch.tensor(0.0),
+        1.0,  # GradScaler's scale, no inf; clipping
     )
     if cls == "RMSprop":
         op, args = torch.ops.fusedopt.rmsprop_step.default, args + (True, True, 0)

@@ -6,6 +6,9 @@
 // p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps).
 // amsgrad, maximize and decoupled decay are per-tensor runtime values, so groups that differ in
 // them share one launch; the HAS_AMSGRAD template flag only compiles the AMSGrad code in or out.
+// GradScaler's unscaling (HAS_SCALE: divide, write the grad back) is a template flag too; skipped
+// steps (found_inf) and the clip coefficient are runtime values (multi_tensor.cuh's step_skipped,
+// GradIn).
 #include "launchers.h"
 #include "multi_tensor.cuh"
 
@@ -15,9 +18,9 @@ namespace {
 
 __global__ void __launch_bounds__(kPrologueBlock)
     adam_prologue_kernel(const int64_t* tmeta, int64_t n_tensors, const double* hyper,
-                         const int64_t* gptr, double* glr, int64_t n_groups, float* scal) {
-  resolve_group_lrs(hyper, gptr, glr, n_groups);
-  __syncthreads();  // the group lrs just written are read below by other threads
+                         const int64_t* gptr, double* glr, int64_t n_groups, float* scal,
+                         const float* found_inf, ClipArgs clip) {
+  if (!prologue_common(hyper, gptr, glr, n_groups, found_inf, clip)) return;
   for (int64_t t = threadIdx.x; t < n_tensors; t += blockDim.x) {
     const int64_t* row = tmeta + t * TMETA_WIDTH;
     const int64_t step = advance_step(row);
@@ -27,21 +30,23 @@ __global__ void __launch_bounds__(kPrologueBlock)
 }
 
 // One tensor's update over a chunk: its pointers and the prologue's scalars.
-template <typename T, bool HAS_AMSGRAD>
+template <typename T, bool HAS_AMSGRAD, bool HAS_SCALE>
 struct AdamUpdate {
   T* p;
-  const T* g;
+  T* g;  // written back unscaled with HAS_SCALE
   T* m;
   T* v;
   T* vmax;  // touched only when amsgrad
   float neg_step_size, bc2_sqrt, p_mul, g_wd, w1, beta2, w2, eps, sign;
   bool l2, amsgrad;
+  GradIn<HAS_SCALE> grad_in;
 
   template <int N>
   __device__ __forceinline__ void apply(int64_t i) const {
     float rp[N], rg[N], rm[N], rv[N], rmax[N];
     load(p + i, rp);
     load(g + i, rg);
+    grad_in.apply(g + i, rg);
     load(m + i, rm);
     load(v + i, rv);
     if (HAS_AMSGRAD && amsgrad) load(vmax + i, rmax);
@@ -68,19 +73,21 @@ struct AdamUpdate {
 };
 
 // One block per chunk.
-template <typename T, bool HAS_AMSGRAD>
+template <typename T, bool HAS_AMSGRAD, bool HAS_SCALE>
 __global__ void __launch_bounds__(kBlock)
     adam_main_kernel(const int64_t* __restrict__ tmeta, const int64_t* __restrict__ grads,
                      const float* __restrict__ scal, const int64_t* __restrict__ chunks,
-                     int64_t chunk_size) {
+                     int64_t chunk_size, const float* __restrict__ grad_scale,
+                     const float* __restrict__ found_inf, const float* __restrict__ clip) {
+  if (step_skipped(found_inf)) return;
   const int64_t chunk = blockIdx.x;
   const int64_t t = chunks[2 * chunk];
   const int64_t start = chunks[2 * chunk + 1];
   const int64_t* row = tmeta + t * TMETA_WIDTH;
   const float* s = scal + t * SCAL_WIDTH;
-  AdamUpdate<T, HAS_AMSGRAD> op;
+  AdamUpdate<T, HAS_AMSGRAD, HAS_SCALE> op;
   op.p = ptr_at<T>(row[T_PARAM]);
-  op.g = ptr_at<const T>(grads[t]);
+  op.g = ptr_at<T>(grads[t]);
   op.m = ptr_at<T>(row[T_S0]);
   op.v = ptr_at<T>(row[T_S1]);
   op.vmax = ptr_at<T>(row[T_S2]);
@@ -95,6 +102,7 @@ __global__ void __launch_bounds__(kBlock)
   op.sign = s[adam_scal::sign];
   op.l2 = op.g_wd != 0.0f;
   op.amsgrad = s[adam_scal::amsgrad] != 0.0f;
+  op.grad_in = GradIn<HAS_SCALE>::read(grad_scale, clip);
   const bool vector = start % kVec<T> == 0 && aligned16(op.p) && aligned16(op.g) &&
                       aligned16(op.m) && aligned16(op.v) &&
                       (!(HAS_AMSGRAD && op.amsgrad) || aligned16(op.vmax));
@@ -105,31 +113,35 @@ __global__ void __launch_bounds__(kBlock)
 template <typename T>
 cudaError_t launch_main(const int64_t* tmeta, const int64_t* grads, const float* scal,
                         const int64_t* chunks, int64_t n_chunks, int64_t chunk_size,
-                        bool has_amsgrad, cudaStream_t stream) {
+                        bool has_amsgrad, const float* grad_scale, const float* found_inf,
+                        const float* clip, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(n_chunks));
-  if (has_amsgrad) {
-    adam_main_kernel<T, true><<<grid, kBlock, 0, stream>>>(tmeta, grads, scal, chunks, chunk_size);
-  } else {
-    adam_main_kernel<T, false><<<grid, kBlock, 0, stream>>>(tmeta, grads, scal, chunks, chunk_size);
-  }
+  const bool scaled = grad_scale != nullptr;
+  const auto kernel = has_amsgrad ? (scaled ? adam_main_kernel<T, true, true>
+                                            : adam_main_kernel<T, true, false>)
+                                  : (scaled ? adam_main_kernel<T, false, true>
+                                            : adam_main_kernel<T, false, false>);
+  kernel<<<grid, kBlock, 0, stream>>>(tmeta, grads, scal, chunks, chunk_size, grad_scale,
+                                      found_inf, clip);
   return cudaGetLastError();
 }
 
 cudaError_t adam_main(const int64_t* tmeta, const int64_t* grads, const float* scal,
                       const int64_t* chunks, int64_t n_chunks, int64_t chunk_size, int dtype,
-                      bool has_amsgrad, cudaStream_t stream) {
+                      bool has_amsgrad, const float* grad_scale, const float* found_inf,
+                      const float* clip, cudaStream_t stream) {
   if (!chunk_grid_fits(n_chunks)) return cudaErrorInvalidValue;
   if (n_chunks == 0) return cudaSuccess;
   switch (dtype) {
     case DTYPE_FLOAT32:
       return launch_main<float>(tmeta, grads, scal, chunks, n_chunks, chunk_size, has_amsgrad,
-                                stream);
+                                grad_scale, found_inf, clip, stream);
     case DTYPE_BFLOAT16:
       return launch_main<__nv_bfloat16>(tmeta, grads, scal, chunks, n_chunks, chunk_size,
-                                        has_amsgrad, stream);
+                                        has_amsgrad, grad_scale, found_inf, clip, stream);
     case DTYPE_FLOAT16:
       return launch_main<__half>(tmeta, grads, scal, chunks, n_chunks, chunk_size, has_amsgrad,
-                                 stream);
+                                 grad_scale, found_inf, clip, stream);
     default:
       return cudaErrorInvalidValue;
   }
@@ -141,17 +153,23 @@ cudaError_t adam_main(const int64_t* tmeta, const int64_t* grads, const float* s
 
 extern "C" int fusedopt_cuda_adam_prologue(const int64_t* tmeta, int64_t n_tensors,
                                            const double* hyper, const int64_t* gptr, double* glr,
-                                           int64_t n_groups, float* scal, void* stream) {
+                                           int64_t n_groups, float* scal, const float* found_inf,
+                                           const float* partials, int64_t n_partials,
+                                           float max_norm, bool clip, float* clip_buf,
+                                           void* stream) {
   using namespace fusedopt::cuda;
+  const ClipArgs clip_args{partials, n_partials, max_norm, clip ? clip_buf : nullptr};
   adam_prologue_kernel<<<1, kPrologueBlock, 0, static_cast<cudaStream_t>(stream)>>>(
-      tmeta, n_tensors, hyper, gptr, glr, n_groups, scal);
+      tmeta, n_tensors, hyper, gptr, glr, n_groups, scal, found_inf, clip_args);
   return cudaGetLastError();
 }
 
 extern "C" int fusedopt_cuda_adam_main(const int64_t* tmeta, const int64_t* grads,
                                        const float* scal, const int64_t* chunks, int64_t n_chunks,
                                        int64_t chunk_size, int dtype, bool has_amsgrad,
-                                       void* stream) {
+                                       const float* grad_scale, const float* found_inf,
+                                       const float* clip_buf, void* stream) {
   return fusedopt::cuda::adam_main(tmeta, grads, scal, chunks, n_chunks, chunk_size, dtype,
-                                   has_amsgrad, static_cast<cudaStream_t>(stream));
+                                   has_amsgrad, grad_scale, found_inf, clip_buf,
+                                   static_cast<cudaStream_t>(stream));
 }

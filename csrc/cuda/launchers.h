@@ -8,7 +8,17 @@
 // [n_chunks, 2] of (tensor index, first element), each chunk_size elements long (or up to the
 // tensor's end).
 // `dtype` is a DTYPE_* code, the dtype of every tensor the chunks touch; `stream` a cudaStream_t.
-// Each step runs the prologue once, then the main pass once per dtype bucket, on the same stream.
+//
+// GradScaler and clipping (each pointer null when absent): grad_scale and found_inf are
+// torch.amp.GradScaler's float32 scalars. A step with *found_inf != 0 changes nothing (every
+// kernel reads found_inf on the device: no host sync). With grad_scale the main pass divides each
+// gradient element by *grad_scale and writes the unscaled gradient back. clip_buf is float32
+// [2] (layout.h's CLIP_COEF, CLIP_NORM); partials float32, one per chunk of the whole chunk list.
+//
+// Each step runs, on one stream: with clipping, the sum-of-squares pass once per dtype bucket
+// (partials offset to the bucket's first chunk); the prologue once (which, with clipping, reduces
+// partials[0, n_partials) and writes clip_buf); then the main pass once per dtype bucket (which,
+// with clipping, multiplies the gradients by clip_buf[CLIP_COEF]).
 //
 // Each returns the cudaError_t of cudaGetLastError() after its launch (0: launched), or
 // cudaErrorInvalidValue for an unknown dtype or an n_chunks outside [0, 2^31).
@@ -18,20 +28,31 @@
 
 extern "C" {
 
+// Each chunk's float32 sum of squares of the (unscaled) gradient, into partials[chunk].
+int fusedopt_cuda_sumsq(const int64_t* tmeta, const int64_t* grads, const int64_t* chunks,
+                        int64_t n_chunks, int64_t chunk_size, int dtype, const float* grad_scale,
+                        const float* found_inf, float* partials, void* stream);
+
 int fusedopt_cuda_adam_prologue(const int64_t* tmeta, int64_t n_tensors, const double* hyper,
                                 const int64_t* gptr, double* glr, int64_t n_groups, float* scal,
-                                void* stream);
+                                const float* found_inf, const float* partials, int64_t n_partials,
+                                float max_norm, bool clip, float* clip_buf, void* stream);
 
 int fusedopt_cuda_adam_main(const int64_t* tmeta, const int64_t* grads, const float* scal,
                             const int64_t* chunks, int64_t n_chunks, int64_t chunk_size,
-                            int dtype, bool has_amsgrad, void* stream);
+                            int dtype, bool has_amsgrad, const float* grad_scale,
+                            const float* found_inf, const float* clip_buf, void* stream);
 
 int fusedopt_cuda_rmsprop_prologue(const int64_t* tmeta, int64_t n_tensors, const double* hyper,
                                    const int64_t* gptr, double* glr, int64_t n_groups, float* scal,
+                                   const float* found_inf, const float* partials,
+                                   int64_t n_partials, float max_norm, bool clip, float* clip_buf,
                                    void* stream);
 
 int fusedopt_cuda_rmsprop_main(const int64_t* tmeta, const int64_t* grads, const float* scal,
                                const int64_t* chunks, int64_t n_chunks, int64_t chunk_size,
-                               int dtype, bool has_centered, bool has_momentum, void* stream);
+                               int dtype, bool has_centered, bool has_momentum,
+                               const float* grad_scale, const float* found_inf,
+                               const float* clip_buf, void* stream);
 
 }  // extern "C"

@@ -1,7 +1,8 @@
 // What the fused multi-tensor CUDA kernels share: typed loads and stores (128-bit packs or single
-// elements), the chunk loop, torch.maximum, and the prologue's group-lr loop (the scalar math is
-// in fusedopt/step_math.h, shared with the CPU kernels). Torch-free: CUDA's headers and
-// fusedopt/*.h only.
+// elements), the chunk loop, torch.maximum, GradScaler's skipped steps and in-kernel unscaling,
+// and the prologue's group-lr loop and clip coefficient (the scalar math is in
+// fusedopt/step_math.h, shared with the CPU kernels). Torch-free: CUDA's headers and fusedopt/*.h
+// only.
 //
 // Rounding follows torch's kernels, which is what makes fp32 parity "close to rounding": a
 // multiply-add is one FMA exactly where torch fuses it (add(alpha=), addcmul, lerp) and two
@@ -124,6 +125,57 @@ __device__ __forceinline__ float maximum(float a, float b) {
   return a != a ? a : (b != b ? b : fmaxf(a, b));
 }
 
+// ---- GradScaler and clipping --------------------------------------------------------------------
+
+// True when GradScaler found an inf/NaN (found_inf != 0; null: no GradScaler): the step then
+// changes nothing. found_inf lives in device memory, so every block reads it itself (no host
+// sync); the prologue then treats the group and tensor counts, the main and sum-of-squares passes
+// each chunk's length, as 0 (kernels/multi_tensor.py's live_count).
+__device__ __forceinline__ bool step_skipped(const float* found_inf) {
+  return found_inf != nullptr && *found_inf != 0.0f;
+}
+
+// What the update passes do to a gradient first (kernels/multi_tensor.py's grad_in): with
+// HAS_SCALE (grad_scale given), divide by GradScaler's scale and write the unscaled gradient back
+// (in its dtype, round to nearest even), as torch's fused optimizers do; then multiply by the clip
+// coefficient, which is 1 without clipping (exact: x * 1 == x). Then the caller applies
+// maximize's sign. HAS_SCALE is a template flag: the unscaling costs registers that the common
+// case, without GradScaler, should not pay.
+template <bool HAS_SCALE>
+struct GradIn {
+  float scale;  // GradScaler's scale (HAS_SCALE only)
+  float coef;   // clip[CLIP_COEF], or 1
+
+  // grad_scale, clip: device pointers, null when absent (grad_scale is not null with HAS_SCALE).
+  __device__ __forceinline__ static GradIn read(const float* grad_scale, const float* clip) {
+    GradIn in;
+    in.scale = HAS_SCALE ? *grad_scale : 1.0f;
+    in.coef = clip != nullptr ? clip[CLIP_COEF] : 1.0f;
+    return in;
+  }
+
+  // rg: the N gradient elements just loaded from g.
+  template <int N, typename T>
+  __device__ __forceinline__ void apply(T* g, float (&rg)[N]) const {
+    if constexpr (HAS_SCALE) {
+#pragma unroll
+      for (int k = 0; k < N; ++k) rg[k] = __fdiv_rn(rg[k], scale);
+      store(g, rg);
+    }
+#pragma unroll
+    for (int k = 0; k < N; ++k) rg[k] = rg[k] * coef;
+  }
+};
+
+// The clipping arguments of a prologue: per-chunk sums of squares (written by the sum-of-squares
+// pass, sumsq.cu) and where the prologue writes (coefficient, norm). clip == null: no clipping.
+struct ClipArgs {
+  const float* partials;
+  int64_t n_partials;
+  float max_norm;
+  float* clip;
+};
+
 // ---- step prologue (one block) ----------------------------------------------------------------
 // Writes each group's lr for this step to glr (float64). Call from every thread of the block,
 // then __syncthreads() before reading glr.
@@ -132,6 +184,40 @@ __device__ __forceinline__ void resolve_group_lrs(const double* hyper, const int
   for (int64_t g = threadIdx.x; g < n_groups; g += blockDim.x) {
     glr[g] = group_lr(hyper + g * HYPER_WIDTH, gptr + g * GPTR_WIDTH);
   }
+}
+
+// The global grad norm from the per-chunk sums of squares, added in float64 in a fixed order
+// (thread k sums partials k, k + kPrologueBlock, ...; then a fixed tree over the threads), so the
+// result does not depend on scheduling; then torch's clip coefficient (clip_from_sumsq). Call
+// from every thread of a kPrologueBlock-thread block.
+__device__ __forceinline__ void resolve_clip(const ClipArgs& a) {
+  __shared__ double sums[kPrologueBlock];
+  double acc = 0.0;
+  for (int64_t c = threadIdx.x; c < a.n_partials; c += kPrologueBlock) {
+    acc += static_cast<double>(a.partials[c]);
+  }
+  sums[threadIdx.x] = acc;
+  __syncthreads();
+#pragma unroll
+  for (int stride = kPrologueBlock / 2; stride > 0; stride >>= 1) {
+    if (threadIdx.x < stride) sums[threadIdx.x] += sums[threadIdx.x + stride];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) clip_from_sumsq(sums[0], a.max_norm, a.clip);
+}
+
+// The optimizer-independent half of a prologue (kernels/multi_tensor.py's prologue_common): group
+// lrs and Noam counters, then the clip coefficient when clipping. Returns false, having written
+// nothing, when GradScaler found an inf (the caller then returns too: no step advances). Call from
+// every thread of the kPrologueBlock-thread block; on true, what it wrote is visible to all.
+__device__ __forceinline__ bool prologue_common(const double* hyper, const int64_t* gptr,
+                                                double* glr, int64_t n_groups,
+                                                const float* found_inf, const ClipArgs& clip) {
+  if (step_skipped(found_inf)) return false;  // uniform over the block
+  resolve_group_lrs(hyper, gptr, glr, n_groups);
+  if (clip.clip != nullptr) resolve_clip(clip);
+  __syncthreads();  // the group lrs just written are read next by other threads
+  return true;
 }
 
 }  // namespace cuda

@@ -6,7 +6,9 @@
 // momentum: buf = momentum*buf + g/avg, p -= lr*buf; else p -= lr*g/avg.
 // No bias correction; the step still advances (torch.optim keeps it in the state). centered,
 // momentum and maximize are per-tensor runtime values; the HAS_CENTERED / HAS_MOMENTUM template
-// flags only compile their code in or out.
+// flags only compile their code in or out, as HAS_SCALE does GradScaler's unscaling (divide,
+// write the grad back); skipped steps (found_inf) and the clip coefficient are runtime values
+// (multi_tensor.cuh's step_skipped, GradIn).
 #include "launchers.h"
 #include "multi_tensor.cuh"
 
@@ -16,9 +18,9 @@ namespace {
 
 __global__ void __launch_bounds__(kPrologueBlock)
     rmsprop_prologue_kernel(const int64_t* tmeta, int64_t n_tensors, const double* hyper,
-                            const int64_t* gptr, double* glr, int64_t n_groups, float* scal) {
-  resolve_group_lrs(hyper, gptr, glr, n_groups);
-  __syncthreads();  // the group lrs just written are read below by other threads
+                            const int64_t* gptr, double* glr, int64_t n_groups, float* scal,
+                            const float* found_inf, ClipArgs clip) {
+  if (!prologue_common(hyper, gptr, glr, n_groups, found_inf, clip)) return;
   for (int64_t t = threadIdx.x; t < n_tensors; t += blockDim.x) {
     const int64_t* row = tmeta + t * TMETA_WIDTH;
     advance_step(row);
@@ -28,21 +30,23 @@ __global__ void __launch_bounds__(kPrologueBlock)
 }
 
 // One tensor's update over a chunk: its pointers and the prologue's scalars.
-template <typename T, bool HAS_CENTERED, bool HAS_MOMENTUM>
+template <typename T, bool HAS_CENTERED, bool HAS_MOMENTUM, bool HAS_SCALE>
 struct RmspropUpdate {
   T* p;
-  const T* g;
+  T* g;  // written back unscaled with HAS_SCALE
   T* sq;
   T* buf;  // touched only when use_momentum
   T* ga;   // touched only when centered
   float neg_lr, alpha, w, eps, wd, momentum, sign;
   bool l2, centered, use_momentum;
+  GradIn<HAS_SCALE> grad_in;
 
   template <int N>
   __device__ __forceinline__ void apply(int64_t i) const {
     float rp[N], rg[N], rsq[N], rga[N], rbuf[N];
     load(p + i, rp);
     load(g + i, rg);
+    grad_in.apply(g + i, rg);
     load(sq + i, rsq);
     if (HAS_CENTERED && centered) load(ga + i, rga);
     if (HAS_MOMENTUM && use_momentum) load(buf + i, rbuf);
@@ -72,19 +76,21 @@ struct RmspropUpdate {
 };
 
 // One block per chunk.
-template <typename T, bool HAS_CENTERED, bool HAS_MOMENTUM>
+template <typename T, bool HAS_CENTERED, bool HAS_MOMENTUM, bool HAS_SCALE>
 __global__ void __launch_bounds__(kBlock)
     rmsprop_main_kernel(const int64_t* __restrict__ tmeta, const int64_t* __restrict__ grads,
                         const float* __restrict__ scal, const int64_t* __restrict__ chunks,
-                        int64_t chunk_size) {
+                        int64_t chunk_size, const float* __restrict__ grad_scale,
+                        const float* __restrict__ found_inf, const float* __restrict__ clip) {
+  if (step_skipped(found_inf)) return;
   const int64_t chunk = blockIdx.x;
   const int64_t t = chunks[2 * chunk];
   const int64_t start = chunks[2 * chunk + 1];
   const int64_t* row = tmeta + t * TMETA_WIDTH;
   const float* s = scal + t * SCAL_WIDTH;
-  RmspropUpdate<T, HAS_CENTERED, HAS_MOMENTUM> op;
+  RmspropUpdate<T, HAS_CENTERED, HAS_MOMENTUM, HAS_SCALE> op;
   op.p = ptr_at<T>(row[T_PARAM]);
-  op.g = ptr_at<const T>(grads[t]);
+  op.g = ptr_at<T>(grads[t]);
   op.sq = ptr_at<T>(row[T_S0]);
   op.buf = ptr_at<T>(row[T_S1]);
   op.ga = ptr_at<T>(row[T_S2]);
@@ -98,6 +104,7 @@ __global__ void __launch_bounds__(kBlock)
   op.l2 = op.wd != 0.0f;
   op.centered = s[rmsprop_scal::centered] != 0.0f;
   op.use_momentum = op.momentum > 0.0f;
+  op.grad_in = GradIn<HAS_SCALE>::read(grad_scale, clip);
   const bool vector = start % kVec<T> == 0 && aligned16(op.p) && aligned16(op.g) &&
                       aligned16(op.sq) &&
                       (!(HAS_CENTERED && op.centered) || aligned16(op.ga)) &&
@@ -106,42 +113,50 @@ __global__ void __launch_bounds__(kBlock)
   for_each_in_chunk<kVec<T>>(op, start, end, vector);
 }
 
+// The launch arguments after the grid: the tables, GradScaler's tensors, the clip buffer.
+struct MainArgs {
+  const int64_t* tmeta;
+  const int64_t* grads;
+  const float* scal;
+  const int64_t* chunks;
+  int64_t n_chunks, chunk_size;
+  const float* grad_scale;
+  const float* found_inf;
+  const float* clip;
+};
+
 template <typename T, bool HAS_CENTERED, bool HAS_MOMENTUM>
-cudaError_t launch_variant(const int64_t* tmeta, const int64_t* grads, const float* scal,
-                           const int64_t* chunks, int64_t n_chunks, int64_t chunk_size,
-                           cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>(n_chunks));
-  rmsprop_main_kernel<T, HAS_CENTERED, HAS_MOMENTUM>
-      <<<grid, kBlock, 0, stream>>>(tmeta, grads, scal, chunks, chunk_size);
+cudaError_t launch_variant(const MainArgs& a, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(a.n_chunks));
+  const auto kernel = a.grad_scale != nullptr
+                          ? rmsprop_main_kernel<T, HAS_CENTERED, HAS_MOMENTUM, true>
+                          : rmsprop_main_kernel<T, HAS_CENTERED, HAS_MOMENTUM, false>;
+  kernel<<<grid, kBlock, 0, stream>>>(a.tmeta, a.grads, a.scal, a.chunks, a.chunk_size,
+                                      a.grad_scale, a.found_inf, a.clip);
   return cudaGetLastError();
 }
 
 template <typename T>
-cudaError_t launch_main(const int64_t* tmeta, const int64_t* grads, const float* scal,
-                        const int64_t* chunks, int64_t n_chunks, int64_t chunk_size,
-                        bool has_centered, bool has_momentum, cudaStream_t stream) {
+cudaError_t launch_main(const MainArgs& a, bool has_centered, bool has_momentum,
+                        cudaStream_t stream) {
   const auto launch = has_centered ? (has_momentum ? launch_variant<T, true, true>
                                                    : launch_variant<T, true, false>)
                                    : (has_momentum ? launch_variant<T, false, true>
                                                    : launch_variant<T, false, false>);
-  return launch(tmeta, grads, scal, chunks, n_chunks, chunk_size, stream);
+  return launch(a, stream);
 }
 
-cudaError_t rmsprop_main(const int64_t* tmeta, const int64_t* grads, const float* scal,
-                         const int64_t* chunks, int64_t n_chunks, int64_t chunk_size, int dtype,
-                         bool has_centered, bool has_momentum, cudaStream_t stream) {
-  if (!chunk_grid_fits(n_chunks)) return cudaErrorInvalidValue;
-  if (n_chunks == 0) return cudaSuccess;
+cudaError_t rmsprop_main(const MainArgs& a, int dtype, bool has_centered, bool has_momentum,
+                         cudaStream_t stream) {
+  if (!chunk_grid_fits(a.n_chunks)) return cudaErrorInvalidValue;
+  if (a.n_chunks == 0) return cudaSuccess;
   switch (dtype) {
     case DTYPE_FLOAT32:
-      return launch_main<float>(tmeta, grads, scal, chunks, n_chunks, chunk_size, has_centered,
-                                has_momentum, stream);
+      return launch_main<float>(a, has_centered, has_momentum, stream);
     case DTYPE_BFLOAT16:
-      return launch_main<__nv_bfloat16>(tmeta, grads, scal, chunks, n_chunks, chunk_size,
-                                        has_centered, has_momentum, stream);
+      return launch_main<__nv_bfloat16>(a, has_centered, has_momentum, stream);
     case DTYPE_FLOAT16:
-      return launch_main<__half>(tmeta, grads, scal, chunks, n_chunks, chunk_size, has_centered,
-                                 has_momentum, stream);
+      return launch_main<__half>(a, has_centered, has_momentum, stream);
     default:
       return cudaErrorInvalidValue;
   }
@@ -154,18 +169,24 @@ cudaError_t rmsprop_main(const int64_t* tmeta, const int64_t* grads, const float
 extern "C" int fusedopt_cuda_rmsprop_prologue(const int64_t* tmeta, int64_t n_tensors,
                                               const double* hyper, const int64_t* gptr,
                                               double* glr, int64_t n_groups, float* scal,
-                                              void* stream) {
+                                              const float* found_inf, const float* partials,
+                                              int64_t n_partials, float max_norm, bool clip,
+                                              float* clip_buf, void* stream) {
   using namespace fusedopt::cuda;
+  const ClipArgs clip_args{partials, n_partials, max_norm, clip ? clip_buf : nullptr};
   rmsprop_prologue_kernel<<<1, kPrologueBlock, 0, static_cast<cudaStream_t>(stream)>>>(
-      tmeta, n_tensors, hyper, gptr, glr, n_groups, scal);
+      tmeta, n_tensors, hyper, gptr, glr, n_groups, scal, found_inf, clip_args);
   return cudaGetLastError();
 }
 
 extern "C" int fusedopt_cuda_rmsprop_main(const int64_t* tmeta, const int64_t* grads,
                                           const float* scal, const int64_t* chunks,
                                           int64_t n_chunks, int64_t chunk_size, int dtype,
-                                          bool has_centered, bool has_momentum, void* stream) {
-  return fusedopt::cuda::rmsprop_main(tmeta, grads, scal, chunks, n_chunks, chunk_size, dtype,
-                                      has_centered, has_momentum,
+                                          bool has_centered, bool has_momentum,
+                                          const float* grad_scale, const float* found_inf,
+                                          const float* clip_buf, void* stream) {
+  const fusedopt::cuda::MainArgs args{tmeta,      grads,      scal,      chunks,  n_chunks,
+                                      chunk_size, grad_scale, found_inf, clip_buf};
+  return fusedopt::cuda::rmsprop_main(args, dtype, has_centered, has_momentum,
                                       static_cast<cudaStream_t>(stream));
 }

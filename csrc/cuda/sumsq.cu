@@ -1,0 +1,119 @@
+// The clipping pre-pass (port of kernels/multi_tensor.py's _sumsq_main): each chunk's float32 sum
+// of squares of the (unscaled) gradient, into partials[chunk]. The prologue then adds the
+// partials in float64 in a fixed order and writes the clip coefficient (multi_tensor.cuh's
+// resolve_clip); the main passes multiply the gradients by it.
+//
+// Per element: g = g / scale (GradScaler; correctly rounded, not written back here: the main pass
+// does that), acc = fma(g, g, acc). Each thread accumulates its elements in order, then the block
+// adds the threads' sums in a fixed order (warp shuffles, then one warp over the warp sums): the
+// result does not depend on scheduling.
+#include "launchers.h"
+#include "multi_tensor.cuh"
+
+namespace fusedopt {
+namespace cuda {
+namespace {
+
+constexpr int kWarps = kBlock / 32;
+
+// One thread's share of a chunk's sum of squares.
+template <typename T>
+struct SumSquares {
+  const T* g;
+  float scale;
+  bool unscale;
+  mutable float acc;  // for_each_in_chunk takes the op as const
+
+  template <int N>
+  __device__ __forceinline__ void apply(int64_t i) const {
+    float rg[N];
+    load(g + i, rg);
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      const float gk = unscale ? __fdiv_rn(rg[k], scale) : rg[k];
+      acc = __fmaf_rn(gk, gk, acc);
+    }
+  }
+};
+
+// The sum of x over the block, in a fixed order; valid in thread 0.
+__device__ __forceinline__ float block_sum(float x) {
+  __shared__ float warp_sums[kWarps];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) x += __shfl_down_sync(0xffffffffu, x, offset);
+  if (lane == 0) warp_sums[warp] = x;
+  __syncthreads();
+  if (warp == 0) {
+    x = lane < kWarps ? warp_sums[lane] : 0.0f;
+#pragma unroll
+    for (int offset = kWarps / 2; offset > 0; offset >>= 1) {
+      x += __shfl_down_sync(0xffffffffu, x, offset);
+    }
+  }
+  return x;
+}
+
+// One block per chunk; partials is indexed by the chunk's position in `chunks`.
+template <typename T>
+__global__ void __launch_bounds__(kBlock)
+    sumsq_kernel(const int64_t* __restrict__ tmeta, const int64_t* __restrict__ grads,
+                 const int64_t* __restrict__ chunks, int64_t chunk_size,
+                 const float* __restrict__ grad_scale, const float* __restrict__ found_inf,
+                 float* __restrict__ partials) {
+  const int64_t chunk = blockIdx.x;
+  if (step_skipped(found_inf)) {  // the chunk counts as empty (its partial is never read)
+    if (threadIdx.x == 0) partials[chunk] = 0.0f;
+    return;
+  }
+  const int64_t t = chunks[2 * chunk];
+  const int64_t start = chunks[2 * chunk + 1];
+  SumSquares<T> op;
+  op.g = ptr_at<const T>(grads[t]);
+  op.unscale = grad_scale != nullptr;
+  op.scale = op.unscale ? *grad_scale : 1.0f;
+  op.acc = 0.0f;
+  const bool vector = start % kVec<T> == 0 && aligned16(op.g);
+  const int64_t end = min(start + chunk_size, tmeta[t * TMETA_WIDTH + T_NUMEL]);
+  for_each_in_chunk<kVec<T>>(op, start, end, vector);
+  const float sum = block_sum(op.acc);
+  if (threadIdx.x == 0) partials[chunk] = sum;
+}
+
+template <typename T>
+cudaError_t launch(const int64_t* tmeta, const int64_t* grads, const int64_t* chunks,
+                   int64_t n_chunks, int64_t chunk_size, const float* grad_scale,
+                   const float* found_inf, float* partials, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(n_chunks));
+  sumsq_kernel<T><<<grid, kBlock, 0, stream>>>(tmeta, grads, chunks, chunk_size, grad_scale,
+                                               found_inf, partials);
+  return cudaGetLastError();
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace fusedopt
+
+extern "C" int fusedopt_cuda_sumsq(const int64_t* tmeta, const int64_t* grads,
+                                   const int64_t* chunks, int64_t n_chunks, int64_t chunk_size,
+                                   int dtype, const float* grad_scale, const float* found_inf,
+                                   float* partials, void* stream) {
+  using namespace fusedopt;
+  using namespace fusedopt::cuda;
+  if (!chunk_grid_fits(n_chunks)) return cudaErrorInvalidValue;
+  if (n_chunks == 0) return cudaSuccess;
+  const auto s = static_cast<cudaStream_t>(stream);
+  switch (dtype) {
+    case DTYPE_FLOAT32:
+      return launch<float>(tmeta, grads, chunks, n_chunks, chunk_size, grad_scale, found_inf,
+                           partials, s);
+    case DTYPE_BFLOAT16:
+      return launch<__nv_bfloat16>(tmeta, grads, chunks, n_chunks, chunk_size, grad_scale,
+                                   found_inf, partials, s);
+    case DTYPE_FLOAT16:
+      return launch<__half>(tmeta, grads, chunks, n_chunks, chunk_size, grad_scale, found_inf,
+                            partials, s);
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
