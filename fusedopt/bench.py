@@ -83,7 +83,10 @@ PRESETS = {
     "tiny": ("a few small tensors (for tests)", lambda: [(64, 32), (32,), (1000,), (1,)]),
 }
 QUICK_PRESETS = ("transformer-base", "many-small")
-OPTIMIZERS = ("adam", "adamw", "rmsprop", "adamw-noam")
+# "train-step": the optimizer's share of a Transformer training step, Noam lr + clipping + AdamW:
+# fusedopt's AdamW(lr=Noam, max_grad_norm) against torch's LambdaLR + clip_grad_norm_ + AdamW.
+OPTIMIZERS = ("adam", "adamw", "rmsprop", "adamw-noam", "train-step")
+CLIP_NORM = 1.0
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # ------------------------------------------------------------------------- bytes and roofline
@@ -94,10 +97,13 @@ def bytes_per_param(optimizer, dtype, amsgrad=False, momentum=False, centered=Fa
 
     Adam/AdamW read p, g, m, v and write p, m, v (7 accesses; AMSGrad adds a read and a write of
     v_max); RMSprop reads p, g, v and writes p, v (5; momentum and centered add 2 each). fp32
-    AdamW: 28 B, with AMSGrad 36 B; RMSprop: 20 B; all-bf16 AdamW: 14 B.
+    AdamW: 28 B, with AMSGrad 36 B; RMSprop: 20 B; all-bf16 AdamW: 14 B. The training step
+    (clipping + AdamW) adds one read of the grads for the norm: 32 B.
     """
     size = torch.empty((), dtype=dtype).element_size()
-    if optimizer.startswith("adam"):
+    if optimizer == "train-step":  # AdamW plus the norm pass's read of every grad
+        accesses = 8
+    elif optimizer.startswith("adam"):
         accesses = 7 + (2 if amsgrad else 0)
     elif optimizer == "rmsprop":
         accesses = 5 + (2 if momentum else 0) + (2 if centered else 0)
@@ -142,24 +148,30 @@ LR = 1e-4
 
 def _factories(optimizer, device, dtype, names, compile_torch):
     """provider name -> function(params) -> step function. ``names``: fusedopt backends."""
-    base = "adamw" if optimizer == "adamw-noam" else optimizer
+    base = "adamw" if optimizer in ("adamw-noam", "train-step") else optimizer
+    noam = optimizer in ("adamw-noam", "train-step")
+    clip = CLIP_NORM if optimizer == "train-step" else None
     fcls = {"adam": "Adam", "adamw": "AdamW", "rmsprop": "RMSprop"}[base]
     out = {}
     for name in names:
-        lr = NOAM if optimizer == "adamw-noam" else LR
+        lr = NOAM if noam else LR
 
         def make(params, name=name, lr=lr):
-            return getattr(__import__("fusedopt"), fcls)(params, lr=lr, backend=name).step
+            return getattr(__import__("fusedopt"), fcls)(
+                params, lr=lr, backend=name, max_grad_norm=clip
+            ).step
 
         out[f"fusedopt {name}"] = make
 
     def torch_step(kwargs):
         def make(params):
-            if optimizer == "adamw-noam":
+            if noam:
                 opt = getattr(torch.optim, fcls)(params, lr=1.0, **kwargs)
                 sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: NOAM.rate(e + 1))
 
                 def step():
+                    if clip is not None:
+                        torch.nn.utils.clip_grad_norm_(params, clip)
                     opt.step()
                     sched.step()
 

@@ -59,6 +59,8 @@ def test_cli_end_to_end(tmp_path):
             "adamw",
             "--optimizer",
             "rmsprop",
+            "--optimizer",
+            "train-step",
             "--repeats",
             "2",
             "--warmup",
@@ -83,6 +85,10 @@ def test_cli_end_to_end(tmp_path):
     providers = {(r["optimizer"], r["provider"]) for r in data["rows"]}
     assert ("adamw", "torch fused") in providers and ("rmsprop", "torch fused") not in providers
     assert ("adamw", "fusedopt torch") in providers
+    assert ("train-step", "torch fused") in providers and (
+        "train-step",
+        "fusedopt cpu",
+    ) in providers
     for r in data["rows"]:
         assert r["ms"] > 0 and r["gb_s"] == pytest.approx(
             r["params"] * r["bytes_per_param"] / (r["ms"] / 1e3) / 1e9
