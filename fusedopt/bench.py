@@ -564,7 +564,9 @@ def main(argv=None):
     presets = args.preset or (
         list(QUICK_PRESETS) if args.quick else [p for p in PRESETS if p != "tiny"]
     )
-    optimizers = args.optimizer or (["adamw", "rmsprop"] if args.quick else ["adamw"])
+    optimizers = args.optimizer or (
+        ["adamw", "rmsprop", "train-step"] if args.quick else ["adamw", "train-step"]
+    )
     dtypes = [DTYPES[d] for d in (args.dtype or ["float32"])]
     repeats = args.repeats or (5 if args.quick else 20)
     names = args.backend or fusedopt_backends(device)
