@@ -9,7 +9,7 @@ bandwidth it implies under the bytes-per-parameter model (each input read once, 
 once), that as a percentage of a device copy measured in the same rounds, and the speedup over
 torch's fastest variant. Results go to CSV, JSON and a markdown table (and a PNG with ``--plot``).
 
-    python -m fusedopt.bench --quick              # the README's main job: about a minute on 2 cores
+    python -m fusedopt.bench --quick              # the README's main job: about 1.5 minutes on 2 cores
     python -m fusedopt.bench --preset gpt2-small --optimizer adamw --dtype bfloat16
 """
 
@@ -540,7 +540,7 @@ def parse_args(argv):
     ap.add_argument("--device", default=None, help="default: cuda when present, else cpu")
     ap.add_argument("--repeats", type=int, default=None, help="timed rounds (default 20; quick 5)")
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--quick", action="store_true", help="a short run (about a minute on 2 cores)")
+    ap.add_argument("--quick", action="store_true", help="a short run (about 1.5 minutes on 2 CPU cores)")
     ap.add_argument(
         "--compile",
         action="store_true",
