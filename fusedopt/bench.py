@@ -540,7 +540,9 @@ def parse_args(argv):
     ap.add_argument("--device", default=None, help="default: cuda when present, else cpu")
     ap.add_argument("--repeats", type=int, default=None, help="timed rounds (default 20; quick 5)")
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--quick", action="store_true", help="a short run (about 1.5 minutes on 2 CPU cores)")
+    ap.add_argument(
+        "--quick", action="store_true", help="a short run (about 1.5 minutes on 2 CPU cores)"
+    )
     ap.add_argument(
         "--compile",
         action="store_true",
