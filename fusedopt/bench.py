@@ -9,7 +9,7 @@ bandwidth it implies under the bytes-per-parameter model (each input read once, 
 once), that as a percentage of a device copy measured in the same rounds, and the speedup over
 torch's fastest variant. Results go to CSV, JSON and a markdown table (and a PNG with ``--plot``).
 
-    python -m fusedopt.bench --quick              # the README's main job: about 1.5 minutes on 2 cores
+    python -m fusedopt.bench --quick     # the main job: about 1.5 minutes on 2 CPU cores
     python -m fusedopt.bench --preset gpt2-small --optimizer adamw --dtype bfloat16
 """
 
