@@ -7,7 +7,9 @@
 #             (an unpinned torch would pull several GB of CUDA packages).
 #  - triton:  reused when importable; otherwise triton==3.9.0 is installed when torch is 2.13.0,
 #             and skipped with a note for any other torch (a CUDA torch brings its own triton).
-#  - pytest, numpy, matplotlib (the benchmark's --plot), and what building fusedopt needs
+#  - pytest, numpy, matplotlib (the benchmark's --plot), transformers + accelerate and lightning
+#             (the ecosystem tests; with torch installed they pull no other torch), and what
+#             building fusedopt needs
 #             (setuptools>=64; wheel with a setuptools older than 70.1): installed when missing.
 #  - fusedopt itself: `pip install --no-build-isolation --no-deps -e .` from the repo root
 #             (no isolation: the build uses the installed torch instead of downloading one).
@@ -43,7 +45,8 @@ def major_minor(v):
         return (0, 0)
 
 wheel = version("wheel")  # before setuptools, which may put its vendored copy on sys.path
-found = {name: version(name) for name in ("torch", "triton", "pytest", "numpy", "matplotlib", "setuptools")}
+found = {name: version(name) for name in ("torch", "triton", "pytest", "numpy", "matplotlib",
+                                           "transformers", "accelerate", "lightning", "setuptools")}
 st = found["setuptools"]
 if st != "MISSING" and major_minor(st) < (64, 0):
     found["setuptools"] = "MISSING"  # too old for editable installs from pyproject.toml
@@ -78,7 +81,7 @@ else
 fi
 
 missing=()
-for name in pytest numpy matplotlib setuptools wheel; do
+for name in pytest numpy matplotlib transformers accelerate lightning setuptools wheel; do
     if [[ "$(version_of "$name")" == MISSING ]]; then
         if [[ "$name" == setuptools ]]; then missing+=("setuptools>=64"); else missing+=("$name"); fi
     elif [[ "$(version_of "$name")" == not-needed ]]; then
