@@ -1,8 +1,9 @@
 """Column layout of the metadata tables every backend reads (one place, so the kernels agree).
 
-Per tensor, int64 ``[T, TMETA_WIDTH]``: addresses of the parameter, its three state slots and its
-step, its element count and its param-group index. Grads live in their own int64 ``[T]`` table,
-since their storage changes more often than the rest.
+Per tensor, int64 ``[T, TMETA_WIDTH]``: addresses of the parameter (the fp32 master when there is
+one), its three state slots and its step, its element count, its param-group index, and the model's
+low-precision parameter that a master is rounded into (0 without a master). Grads live in their
+own int64 ``[T]`` table, since their storage changes more often than the rest.
 
 Per group, float64 ``[G, HYPER_WIDTH]``: the lr (float mode), the lr mode, the Noam constants, then
 the optimizer's own hyperparameters. Int64 ``[G, GPTR_WIDTH]``: the address of a tensor lr and of
@@ -13,7 +14,7 @@ the Noam counter (0 where unused).
 LR_FLOAT, LR_TENSOR, LR_NOAM = 0, 1, 2
 
 # per tensor
-T_PARAM, T_S0, T_S1, T_S2, T_STEP, T_NUMEL, T_GROUP = range(7)
+T_PARAM, T_S0, T_S1, T_S2, T_STEP, T_NUMEL, T_GROUP, T_SHADOW = range(8)
 TMETA_WIDTH = 8
 
 # per group, pointers
@@ -54,8 +55,9 @@ ADAM_SCAL = (
     "eps",
     "sign",
     "amsgrad",
+    "seed",  # the step, as float: stochastic rounding's seed
 )
-RMSPROP_SCAL = ("lr", "alpha", "w", "eps", "weight_decay", "momentum", "sign", "centered")
+RMSPROP_SCAL = ("lr", "alpha", "w", "eps", "weight_decay", "momentum", "sign", "centered", "seed")
 
 # the per-device clip buffer (float32 [2]): the coefficient the update multiplies grads by, and the
 # global grad norm (for logging)
@@ -63,3 +65,20 @@ CLIP_COEF, CLIP_NORM = 0, 1
 
 # dtype codes of the native kernels
 DTYPE_CODES = {"float32": 0, "bfloat16": 1, "float16": 2}
+
+# A bucket (see fusedopt.optimizer.Bucket) as the native kernels receive it, one int:
+# param | grad << 2 | state << 4 | shadow << 6 | stochastic << 7 (dtype codes above).
+BUCKET_GRAD_SHIFT, BUCKET_STATE_SHIFT, BUCKET_SHADOW_BIT, BUCKET_STOCHASTIC_BIT = 2, 4, 6, 7
+
+
+def bucket_code(bucket):
+    def code(dtype):
+        return DTYPE_CODES[str(dtype).removeprefix("torch.")]
+
+    return (
+        code(bucket.param)
+        | code(bucket.grad) << BUCKET_GRAD_SHIFT
+        | code(bucket.state) << BUCKET_STATE_SHIFT
+        | int(bucket.shadow) << BUCKET_SHADOW_BIT
+        | int(bucket.stochastic) << BUCKET_STOCHASTIC_BIT
+    )

@@ -41,7 +41,7 @@ class DeviceTables:
         self.partials = self.clip = None
         self._pinned = {}  # table name -> pinned host copies of its last upload
         self.n_chunks = 0
-        self.bucket_chunks = []  # (dtype, chunk table view) per bucket with at least one chunk
+        self.bucket_chunks = []  # (Bucket, chunk table view) per bucket with at least one chunk
         self.bucket_offsets = [0]
         self.n_tensors = 0
 
@@ -52,9 +52,10 @@ class DeviceTables:
                 s.param.data_ptr(),
                 *map(_addr, s.states),
                 s.step.data_ptr(),
+                _addr(s.shadow),
                 s.param.numel(),
                 s.group,
-                s.param.dtype,
+                s.bucket,
             )
             for s in slots
         )
@@ -88,7 +89,7 @@ class DeviceTables:
         return self
 
     def bucket_ranges(self):
-        """(dtype, chunk-table view, index of its first chunk) per bucket with chunks."""
+        """(Bucket, chunk-table view, index of its first chunk) per bucket with chunks."""
         return [(d, c, first) for (d, c), first in zip(self.bucket_chunks, self.bucket_offsets)]
 
     def _group_row(self, glr, hyper):
@@ -118,6 +119,7 @@ class DeviceTables:
             row[L.T_STEP] = s.step.data_ptr()
             row[L.T_NUMEL] = s.param.numel()
             row[L.T_GROUP] = s.group
+            row[L.T_SHADOW] = _addr(s.shadow)
             rows.append(row)
         meta = torch.tensor(rows, dtype=torch.int64).reshape(n, L.TMETA_WIDTH)
         self._pinned["tensors"] = []
@@ -141,9 +143,9 @@ class DeviceTables:
         self.bucket_chunks = []
         self.bucket_offsets = [0]  # chunk-list offsets of the buckets in bucket_chunks, and the end
         ends = torch.cumsum(counts, 0).tolist()
-        for dtype, t0, t1 in work.buckets:
+        for bucket, t0, t1 in work.buckets:
             c0 = ends[t0 - 1] if t0 > 0 else 0
             c1 = ends[t1 - 1] if t1 > 0 else 0
             if c1 > c0:
-                self.bucket_chunks.append((dtype, self.chunks[c0:c1]))
+                self.bucket_chunks.append((bucket, self.chunks[c0:c1]))
                 self.bucket_offsets.append(c1)

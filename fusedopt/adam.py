@@ -49,6 +49,9 @@ class Adam(FusedOptimizer):
         decoupled_weight_decay=False,
         backend="auto",
         max_grad_norm=None,
+        master_weights=False,
+        state_dtype=None,
+        stochastic_rounding=False,
     ):
         if fused and foreach:
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
@@ -66,7 +69,15 @@ class Adam(FusedOptimizer):
             "decoupled_weight_decay": decoupled_weight_decay,
         }
         self._validate(defaults)
-        super().__init__(params, defaults, backend, max_grad_norm)
+        super().__init__(
+            params,
+            defaults,
+            backend,
+            max_grad_norm,
+            master_weights=master_weights,
+            state_dtype=state_dtype,
+            stochastic_rounding=stochastic_rounding,
+        )
 
     def _validate(self, group, in_step=False):
         check_common(group["lr"], group["eps"], group["weight_decay"], in_step)
@@ -128,6 +139,9 @@ class AdamW(Adam):
         fused=None,
         backend="auto",
         max_grad_norm=None,
+        master_weights=False,
+        state_dtype=None,
+        stochastic_rounding=False,
     ):
         super().__init__(
             params,
@@ -144,6 +158,9 @@ class AdamW(Adam):
             decoupled_weight_decay=True,
             backend=backend,
             max_grad_norm=max_grad_norm,
+            master_weights=master_weights,
+            state_dtype=state_dtype,
+            stochastic_rounding=stochastic_rounding,
         )
 
     def __setstate__(self, state):

@@ -8,6 +8,7 @@ backend, which runs one fused pass per (device, dtype) bucket.
 import math
 import os
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -25,10 +26,31 @@ class Slot:
     """One parameter that takes part in this step."""
 
     group: int
-    param: torch.Tensor
+    param: torch.Tensor  # the tensor the update reads and writes: the fp32 master, if any
     grad: torch.Tensor
     step: torch.Tensor
     states: tuple  # three tensors (or None where the group's options do not use that slot)
+    shadow: torch.Tensor = None  # with a master: the model's parameter, written rounded
+    stochastic: bool = False  # bf16 parameter stored with stochastic rounding
+
+    @property
+    def bucket(self):
+        state = next((t.dtype for t in self.states if t is not None), self.param.dtype)
+        return Bucket(
+            self.param.dtype, self.grad.dtype, state, self.shadow is not None, self.stochastic
+        )
+
+
+class Bucket(NamedTuple):
+    """What one fused pass specializes on: the dtypes of the updated parameter (the fp32 master
+    when there is one), of the grads and of the state; whether a rounded copy goes back to the
+    model's parameter; whether the parameter is stored with stochastic rounding."""
+
+    param: torch.dtype
+    grad: torch.dtype
+    state: torch.dtype
+    shadow: bool
+    stochastic: bool
 
 
 @dataclass
@@ -48,7 +70,7 @@ class DeviceWork:
 
     device: torch.device
     slots: list = field(default_factory=list)  # sorted so that each dtype is one contiguous run
-    buckets: list = field(default_factory=list)  # (dtype, first slot, end slot)
+    buckets: list = field(default_factory=list)  # (Bucket, first slot, end slot)
     lrs: list = field(default_factory=list)  # GroupLR per param group (every group, in order)
     hyper: list = field(default_factory=list)  # per param group: the optimizer's hyperparameters
     # GradScaler's tensors on this device (or None) and the clipping threshold (or None)
@@ -78,9 +100,10 @@ def _scalar_on(t, device):
     return t.reshape(()).to(device=device, dtype=torch.float32, non_blocking=True).contiguous()
 
 
-def _to_param_layout(value, p):
-    """A fresh tensor with ``p``'s dtype, device and strides holding ``value`` (never an alias)."""
-    out = torch.empty_like(p, memory_format=torch.preserve_format)
+def _to_param_layout(value, p, dtype=None):
+    """A fresh tensor with ``p``'s device and strides (and ``dtype``, default ``p``'s) holding
+    ``value`` (never an alias)."""
+    out = torch.empty_like(p, dtype=dtype, memory_format=torch.preserve_format)
     out.copy_(value)
     return out
 
@@ -95,7 +118,8 @@ class FusedOptimizer(torch.optim.Optimizer):
     # tensors (as the attributes grad_scale and found_inf) instead of unscaling the grads itself.
     _step_supports_amp_scaling = True
 
-    def __init__(self, params, defaults, backend="auto", max_grad_norm=None):
+    def __init__(self, params, defaults, backend="auto", max_grad_norm=None, **precision):
+        defaults = {**defaults, **PRECISION_DEFAULTS, **precision}
         if max_grad_norm is not None and not 0.0 < max_grad_norm < math.inf:
             raise ValueError(f"Invalid max_grad_norm value: {max_grad_norm}")
         self.max_grad_norm = max_grad_norm
@@ -136,6 +160,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group):
         merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
         self._validate(merged)
+        _check_precision(merged)
         if isinstance(merged["lr"], torch.Tensor) and merged["lr"].numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
         super().add_param_group(param_group)
@@ -180,6 +205,9 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._prepare(w)
         for w in work.values():
             backends.get(self._backend_for(w.device)).run(self, w)
+            if w.amp["grad_scale"] is not None:
+                for home, copy in w.grad_copies:
+                    home.copy_(copy)
         return loss
 
     def state_dict(self):
@@ -198,9 +226,15 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict):
         previous = [g["lr"] for g in self.param_groups]
+        # torch.optim's checkpoints have no precision options: keep the ones this optimizer
+        # was built with (a fusedopt checkpoint's own win, as for any hyperparameter)
+        precision = [{k: g[k] for k in PRECISION_DEFAULTS} for g in self.param_groups]
+        saved_keys = [set(g) for g in state_dict["param_groups"]]
         super().load_state_dict(state_dict)
         self._tables.clear()
         self._last_lr.clear()
+        for group, kept, saved in zip(self.param_groups, precision, saved_keys):
+            group.update({k: v for k, v in kept.items() if k not in saved})
         for group, old_lr in zip(self.param_groups, previous):
             noam = group.pop("noam", None)
             if noam is not None:
@@ -242,12 +276,14 @@ class FusedOptimizer(torch.optim.Optimizer):
                     )
                 for name in self._state_names:
                     if name in st:
-                        st[name] = _to_param_layout(st[name], p)
+                        st[name] = _to_param_layout(st[name], p, group["state_dtype"])
+                if "master_param" in st:
+                    st["master_param"] = _to_param_layout(st["master_param"], p, torch.float32)
 
     def __setstate__(self, state):
         super().__setstate__(state)
         for group in self.param_groups:
-            for key, value in self._group_key_defaults().items():
+            for key, value in {**PRECISION_DEFAULTS, **self._group_key_defaults()}.items():
                 group.setdefault(key, value)
 
     def _group_key_defaults(self):
@@ -323,26 +359,40 @@ class FusedOptimizer(torch.optim.Optimizer):
         """Create missing state, then fill ``work`` in the form the backends read."""
         device = work.device
         slots = []
+        work.grad_copies = []
         for gi, p, g in work.slots:
             group = self.param_groups[gi]
             st = self.state[p]
             if "step" not in st:
                 st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            state_dtype = group["state_dtype"] or (
+                torch.float32 if group["master_weights"] else p.dtype
+            )
             states = []
             for name, needed in zip(self._state_names, self._needed(group)):
                 if needed and name not in st:
-                    st[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    st[name] = torch.zeros_like(
+                        p, dtype=state_dtype, memory_format=torch.preserve_format
+                    )
                 states.append(st[name] if needed else None)
+            target, shadow = p, None
+            if group["master_weights"] and p.dtype != torch.float32:
+                if "master_param" not in st:
+                    st["master_param"] = _to_param_layout(p, p, torch.float32)
+                target, shadow = st["master_param"], p
             if g.stride() != p.stride() and p.numel() > 1:
-                g = _to_param_layout(g, p)  # a read-only input: a copy is safe
-            slots.append(Slot(gi, p, g, st["step"], tuple(states)))
+                copy = _to_param_layout(g, p)  # a read-only input, except for GradScaler's
+                work.grad_copies.append((g, copy))  # unscaled write-back: copied back after
+                g = copy
+            stochastic = bool(group["stochastic_rounding"]) and target.dtype == torch.bfloat16
+            slots.append(Slot(gi, target, g, st["step"], tuple(states), shadow, stochastic))
         order = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-        slots.sort(key=lambda s: order[s.param.dtype])
+        slots.sort(key=lambda s: tuple(order.get(x, x) for x in s.bucket))
         work.slots = slots
         work.buckets = []
         for i, s in enumerate(slots):
-            if not work.buckets or work.buckets[-1][0] != s.param.dtype:
-                work.buckets.append([s.param.dtype, i, i])
+            if not work.buckets or work.buckets[-1][0] != s.bucket:
+                work.buckets.append([s.bucket, i, i])
             work.buckets[-1][2] = i + 1
         work.buckets = [tuple(b) for b in work.buckets]
         work.lrs = [self._group_lr(gi, group, device) for gi, group in enumerate(self.param_groups)]
@@ -381,6 +431,22 @@ class FusedOptimizer(torch.optim.Optimizer):
         for gi, glr in enumerate(work.lrs):
             if glr.mode != LR_FLOAT:
                 self._last_lr[gi] = last[gi]
+
+
+PRECISION_DEFAULTS = {"master_weights": False, "state_dtype": None, "stochastic_rounding": False}
+
+
+def _check_precision(group):
+    """The low-precision options a group may set (see FusedOptimizer's docstring)."""
+    if group["state_dtype"] not in (None, *_SUPPORTED_DTYPES):
+        raise ValueError(
+            f"Invalid state_dtype: {group['state_dtype']} (float32, bfloat16, float16 or None)"
+        )
+    if group["stochastic_rounding"] and group["master_weights"]:
+        raise ValueError(
+            "stochastic_rounding rounds bf16 parameters that have no fp32 master copy; with "
+            "master_weights=True the master already keeps every bit. Choose one."
+        )
 
 
 def nonnegative(value):

@@ -32,6 +32,9 @@ class RMSprop(FusedOptimizer):
         *,
         backend="auto",
         max_grad_norm=None,
+        master_weights=False,
+        state_dtype=None,
+        stochastic_rounding=False,
     ):
         defaults = {
             "lr": lr,
@@ -46,7 +49,15 @@ class RMSprop(FusedOptimizer):
             "differentiable": differentiable,
         }
         self._validate(defaults)
-        super().__init__(params, defaults, backend, max_grad_norm)
+        super().__init__(
+            params,
+            defaults,
+            backend,
+            max_grad_norm,
+            master_weights=master_weights,
+            state_dtype=state_dtype,
+            stochastic_rounding=stochastic_rounding,
+        )
 
     def _validate(self, group, in_step=False):
         check_common(group["lr"], group["eps"], group["weight_decay"], in_step)

@@ -21,6 +21,7 @@ from .multi_tensor import (
     T_S0,
     T_S1,
     T_S2,
+    T_SHADOW,
     TMETA_WIDTH,
     advance_steps,
     cast_out,
@@ -30,6 +31,7 @@ from .multi_tensor import (
     pow_int,
     prologue_common,
     run_step,
+    store_param,
 )
 
 H_BETA1 = tl.constexpr(L.ADAM_COLS["beta1"])
@@ -41,7 +43,7 @@ H_MAXIMIZE = tl.constexpr(L.ADAM_COLS["maximize"])
 H_DECOUPLED = tl.constexpr(L.ADAM_COLS["decoupled"])
 
 # per-tensor scalars, written by the prologue
-S_STEP_SIZE, S_BC2_SQRT, S_P_MUL, S_G_WD, S_W1, S_BETA2, S_W2, S_EPS, S_SIGN, S_AMSGRAD = (
+S_STEP_SIZE, S_BC2_SQRT, S_P_MUL, S_G_WD, S_W1, S_BETA2, S_W2, S_EPS, S_SIGN, S_AMSGRAD, S_SEED = (
     tl.constexpr(L.ADAM_SCAL.index(name)) for name in L.ADAM_SCAL
 )
 
@@ -108,6 +110,7 @@ def _adam_prologue(
         tl.store(s + S_EPS, eps.to(tl.float32), mask=live)
         tl.store(s + S_SIGN, tl.where(maximize != 0.0, -1.0, 1.0).to(tl.float32), mask=live)
         tl.store(s + S_AMSGRAD, amsgrad.to(tl.float32), mask=live)
+        tl.store(s + S_SEED, step.to(tl.float32), mask=live)
 
 
 @triton.jit
@@ -120,6 +123,10 @@ def _adam_main(
     found_inf,
     clip,
     DTYPE: tl.constexpr,
+    GDTYPE: tl.constexpr,
+    SDTYPE: tl.constexpr,
+    SHADOW: tl.constexpr,
+    SR: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     HAS_INF: tl.constexpr,
     CLIP: tl.constexpr,
@@ -132,12 +139,14 @@ def _adam_main(
     start = tl.load(chunks + 2 * pid + 1)
     row = tmeta + t * TMETA_WIDTH
     p_ptr = tl.load(row + T_PARAM).to(tl.pointer_type(DTYPE))
-    m_ptr = tl.load(row + T_S0).to(tl.pointer_type(DTYPE))
-    v_ptr = tl.load(row + T_S1).to(tl.pointer_type(DTYPE))
-    vmax_ptr = tl.load(row + T_S2).to(tl.pointer_type(DTYPE))
+    m_ptr = tl.load(row + T_S0).to(tl.pointer_type(SDTYPE))
+    v_ptr = tl.load(row + T_S1).to(tl.pointer_type(SDTYPE))
+    vmax_ptr = tl.load(row + T_S2).to(tl.pointer_type(SDTYPE))
     numel = live_count(tl.load(row + T_NUMEL), found_inf, HAS_INF)
-    g_ptr = tl.load(grads + t).to(tl.pointer_type(DTYPE))
+    g_ptr = tl.load(grads + t).to(tl.pointer_type(GDTYPE))
+    shadow_ptr = tl.load(row + T_SHADOW).to(tl.pointer_type(GDTYPE))
     s = scal + t * SCAL_WIDTH
+    seed = tl.load(s + S_SEED).to(tl.int64)  # the step, for stochastic rounding
     step_size = tl.load(s + S_STEP_SIZE)
     bc2_sqrt = tl.load(s + S_BC2_SQRT)
     p_mul = tl.load(s + S_P_MUL)
@@ -154,7 +163,7 @@ def _adam_main(
         mask = offs < numel
         p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
         g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
-        g = grad_in(g, g_ptr, offs, mask, grad_scale, clip, HAS_SCALE, CLIP, DTYPE)
+        g = grad_in(g, g_ptr, offs, mask, grad_scale, clip, HAS_SCALE, CLIP, GDTYPE)
         m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
         v = tl.load(v_ptr + offs, mask=mask).to(tl.float32)
         g = g * sign
@@ -167,13 +176,13 @@ def _adam_main(
             ams_mask = offs < ams_numel
             vmax = tl.load(vmax_ptr + offs, mask=ams_mask, other=0.0).to(tl.float32)
             vmax = tl.maximum(vmax, v, propagate_nan=tl.PropagateNan.ALL)
-            tl.store(vmax_ptr + offs, cast_out(vmax, DTYPE), mask=ams_mask)
+            tl.store(vmax_ptr + offs, cast_out(vmax, SDTYPE), mask=ams_mask)
             v_used = tl.where(ams_mask, vmax, v)
         denom = tl.div_rn(tl.sqrt_rn(v_used), bc2_sqrt) + eps
         p = p + tl.div_rn(-step_size * m, denom)
-        tl.store(p_ptr + offs, cast_out(p, DTYPE), mask=mask)
-        tl.store(m_ptr + offs, cast_out(m, DTYPE), mask=mask)
-        tl.store(v_ptr + offs, cast_out(v, DTYPE), mask=mask)
+        store_param(p_ptr, shadow_ptr, offs, mask, p, t, seed, DTYPE, GDTYPE, SHADOW, SR)
+        tl.store(m_ptr + offs, cast_out(m, SDTYPE), mask=mask)
+        tl.store(v_ptr + offs, cast_out(v, SDTYPE), mask=mask)
 
 
 def adam_step(tables, amp, has_amsgrad):

@@ -33,6 +33,7 @@ T_S2 = tl.constexpr(L.T_S2)
 T_STEP = tl.constexpr(L.T_STEP)
 T_NUMEL = tl.constexpr(L.T_NUMEL)
 T_GROUP = tl.constexpr(L.T_GROUP)
+T_SHADOW = tl.constexpr(L.T_SHADOW)
 GPTR_WIDTH = tl.constexpr(L.GPTR_WIDTH)
 G_LR_PTR = tl.constexpr(L.G_LR_PTR)
 G_COUNTER_PTR = tl.constexpr(L.G_COUNTER_PTR)
@@ -125,6 +126,52 @@ def _bf16_rne(x):
     bits = bits + 0x7FFF + ((bits >> 16) & 1)
     rounded = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     return tl.where(x != x, x.to(tl.bfloat16), rounded)
+
+
+@triton.jit
+def _mix32(x):
+    """murmur3's 32-bit finalizer (uint32 in, uint32 out): the stochastic-rounding noise."""
+    x = x ^ (x >> 16)
+    x = (x.to(tl.uint64) * 0x85EBCA6B).to(tl.uint32)
+    x = x ^ (x >> 13)
+    x = (x.to(tl.uint64) * 0xC2B2AE35).to(tl.uint32)
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def stochastic_bf16(x, offs, t, step):
+    """float32 -> bf16, rounded up with probability equal to the dropped fraction. The 16 noise
+    bits are a hash of (element offset, tensor index, step): every backend draws the same ones,
+    and a step replayed gives the same result."""
+    seed = _mix32(_mix32(t.to(tl.uint32)) ^ step.to(tl.uint32))
+    noise = _mix32((offs & 0xFFFFFFFF).to(tl.uint32) ^ seed) & 0xFFFF
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = ((bits + noise) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return tl.where(x != x, x.to(tl.bfloat16), rounded)
+
+
+@triton.jit
+def store_param(
+    p_ptr,
+    shadow_ptr,
+    offs,
+    mask,
+    p,
+    t,
+    step,
+    DTYPE: tl.constexpr,
+    GDTYPE: tl.constexpr,
+    SHADOW: tl.constexpr,
+    SR: tl.constexpr,
+):
+    """Store the updated parameter: stochastically rounded (SR), or rounded to nearest even; with
+    a master (SHADOW), the master in fp32 and the model's parameter rounded to its dtype."""
+    if SR:
+        tl.store(p_ptr + offs, stochastic_bf16(p, offs, t, step), mask=mask)
+    else:
+        tl.store(p_ptr + offs, cast_out(p, DTYPE), mask=mask)
+    if SHADOW:
+        tl.store(shadow_ptr + offs, cast_out(p, GDTYPE), mask=mask)
 
 
 @triton.jit
@@ -260,7 +307,7 @@ def run_step(tables, amp, prologue, main, **flags):
     )
     clip = max_norm is not None
     if clip:
-        for dtype, chunks, first in tables.bucket_ranges():
+        for bucket, chunks, first in tables.bucket_ranges():
             _sumsq_main[chunk_grid(chunks)](
                 tables.tmeta,
                 tables.grads,
@@ -268,7 +315,7 @@ def run_step(tables, amp, prologue, main, **flags):
                 tables.partials[first:],
                 scale,
                 inf,
-                DTYPE=TL_DTYPE[dtype],
+                DTYPE=TL_DTYPE[bucket.grad],
                 **opts,
             )
     prologue[(1,)](
@@ -289,7 +336,7 @@ def run_step(tables, amp, prologue, main, **flags):
         BLOCK_T=PROLOGUE_BLOCK,
         **LAUNCH_OPTIONS,
     )
-    for dtype, chunks, _ in tables.bucket_ranges():
+    for bucket, chunks, _ in tables.bucket_ranges():
         main[chunk_grid(chunks)](
             tables.tmeta,
             tables.grads,
@@ -298,7 +345,11 @@ def run_step(tables, amp, prologue, main, **flags):
             scale,
             inf,
             tables.clip,
-            DTYPE=TL_DTYPE[dtype],
+            DTYPE=TL_DTYPE[bucket.param],
+            GDTYPE=TL_DTYPE[bucket.grad],
+            SDTYPE=TL_DTYPE[bucket.state],
+            SHADOW=bucket.shadow,
+            SR=bucket.stochastic,
             CLIP=clip,
             **opts,
             **flags,

@@ -22,6 +22,7 @@ from .multi_tensor import (
     T_S0,
     T_S1,
     T_S2,
+    T_SHADOW,
     TMETA_WIDTH,
     advance_steps,
     cast_out,
@@ -30,6 +31,7 @@ from .multi_tensor import (
     live_count,
     prologue_common,
     run_step,
+    store_param,
 )
 
 H_ALPHA = tl.constexpr(L.RMSPROP_COLS["alpha"])
@@ -39,7 +41,7 @@ H_MOMENTUM = tl.constexpr(L.RMSPROP_COLS["momentum"])
 H_CENTERED = tl.constexpr(L.RMSPROP_COLS["centered"])
 H_MAXIMIZE = tl.constexpr(L.RMSPROP_COLS["maximize"])
 
-S_LR, S_ALPHA, S_W, S_EPS, S_WD, S_MOMENTUM, S_SIGN, S_CENTERED = (
+S_LR, S_ALPHA, S_W, S_EPS, S_WD, S_MOMENTUM, S_SIGN, S_CENTERED, S_SEED = (
     tl.constexpr(L.RMSPROP_SCAL.index(name)) for name in L.RMSPROP_SCAL
 )
 
@@ -80,7 +82,7 @@ def _rmsprop_prologue(
     for t0 in range(0, n_tensors, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
         live = t < n_tensors
-        advance_steps(tmeta, t, live)
+        step = advance_steps(tmeta, t, live)
         grp = tl.load(tmeta + t * TMETA_WIDTH + T_GROUP, mask=live, other=0)
         h = hyper + grp * HYPER_WIDTH
         lr = tl.load(glr + grp, mask=live, other=0.0)
@@ -99,6 +101,7 @@ def _rmsprop_prologue(
         tl.store(
             s + S_CENTERED, tl.load(h + H_CENTERED, mask=live, other=0.0).to(tl.float32), mask=live
         )
+        tl.store(s + S_SEED, step.to(tl.float32), mask=live)
 
 
 @triton.jit
@@ -111,6 +114,10 @@ def _rmsprop_main(
     found_inf,
     clip,
     DTYPE: tl.constexpr,
+    GDTYPE: tl.constexpr,
+    SDTYPE: tl.constexpr,
+    SHADOW: tl.constexpr,
+    SR: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     HAS_INF: tl.constexpr,
     CLIP: tl.constexpr,
@@ -124,12 +131,14 @@ def _rmsprop_main(
     start = tl.load(chunks + 2 * pid + 1)
     row = tmeta + t * TMETA_WIDTH
     p_ptr = tl.load(row + T_PARAM).to(tl.pointer_type(DTYPE))
-    sq_ptr = tl.load(row + T_S0).to(tl.pointer_type(DTYPE))
-    buf_ptr = tl.load(row + T_S1).to(tl.pointer_type(DTYPE))
-    ga_ptr = tl.load(row + T_S2).to(tl.pointer_type(DTYPE))
+    sq_ptr = tl.load(row + T_S0).to(tl.pointer_type(SDTYPE))
+    buf_ptr = tl.load(row + T_S1).to(tl.pointer_type(SDTYPE))
+    ga_ptr = tl.load(row + T_S2).to(tl.pointer_type(SDTYPE))
     numel = live_count(tl.load(row + T_NUMEL), found_inf, HAS_INF)
-    g_ptr = tl.load(grads + t).to(tl.pointer_type(DTYPE))
+    g_ptr = tl.load(grads + t).to(tl.pointer_type(GDTYPE))
+    shadow_ptr = tl.load(row + T_SHADOW).to(tl.pointer_type(GDTYPE))
     s = scal + t * SCAL_WIDTH
+    seed = tl.load(s + S_SEED).to(tl.int64)  # the step, for stochastic rounding
     lr = tl.load(s + S_LR)
     alpha = tl.load(s + S_ALPHA)
     w = tl.load(s + S_W)
@@ -145,7 +154,7 @@ def _rmsprop_main(
         mask = offs < numel
         p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
         g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
-        g = grad_in(g, g_ptr, offs, mask, grad_scale, clip, HAS_SCALE, CLIP, DTYPE)
+        g = grad_in(g, g_ptr, offs, mask, grad_scale, clip, HAS_SCALE, CLIP, GDTYPE)
         sq = tl.load(sq_ptr + offs, mask=mask).to(tl.float32)
         g = g * sign
         g = tl.where(wd != 0.0, tl.fma(p, wd, g), g)
@@ -155,7 +164,7 @@ def _rmsprop_main(
             c_mask = offs < centered_numel
             ga = tl.load(ga_ptr + offs, mask=c_mask, other=0.0).to(tl.float32)
             ga = lerp(ga, g, w)
-            tl.store(ga_ptr + offs, cast_out(ga, DTYPE), mask=c_mask)
+            tl.store(ga_ptr + offs, cast_out(ga, SDTYPE), mask=c_mask)
             var = tl.where(c_mask, tl.fma(-ga, ga, sq), sq)
         avg = tl.sqrt_rn(var) + eps
         new_p = p + tl.div_rn(-lr * g, avg)
@@ -163,11 +172,11 @@ def _rmsprop_main(
             b_mask = offs < momentum_numel
             buf = tl.load(buf_ptr + offs, mask=b_mask, other=0.0).to(tl.float32)
             buf = buf * momentum + tl.div_rn(g, avg)
-            tl.store(buf_ptr + offs, cast_out(buf, DTYPE), mask=b_mask)
+            tl.store(buf_ptr + offs, cast_out(buf, SDTYPE), mask=b_mask)
             new_p = tl.where(b_mask, tl.fma(buf, -lr, p), new_p)
         p = new_p
-        tl.store(p_ptr + offs, cast_out(p, DTYPE), mask=mask)
-        tl.store(sq_ptr + offs, cast_out(sq, DTYPE), mask=mask)
+        store_param(p_ptr, shadow_ptr, offs, mask, p, t, seed, DTYPE, GDTYPE, SHADOW, SR)
+        tl.store(sq_ptr + offs, cast_out(sq, SDTYPE), mask=mask)
 
 
 def rmsprop_step(tables, amp, has_centered, has_momentum):

@@ -10,6 +10,7 @@ import json
 import sys
 
 import triton
+import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -68,6 +69,25 @@ AMP = (
 MAIN = {"BLOCK": multi_tensor.BLOCK, "ITERS": 4}
 
 
+def _precisions(amp_on):
+    """(param, grad, state dtypes, shadow, stochastic): one dtype throughout, and with everything
+    else on, the mixed-precision buckets too (fp32 master for bf16, bf16 state for fp32, bf16
+    with stochastic rounding and fp32 state)."""
+    f32, bf16 = tl.float32, tl.bfloat16
+    plain = [(d, d, d, False, False) for d in multi_tensor.TL_DTYPE.values()]
+    mixed = [
+        (f32, bf16, f32, True, False),
+        (f32, f32, bf16, False, False),
+        (bf16, bf16, f32, False, True),
+    ]
+    return plain + (mixed if amp_on else [])
+
+
+def _main_flags(precision, amp):
+    p, g, st, shadow, sr = precision
+    return {"DTYPE": p, "GDTYPE": g, "SDTYPE": st, "SHADOW": shadow, "SR": sr, **amp, **MAIN}
+
+
 def variants():
     for amp in AMP:
         flags = {
@@ -84,22 +104,21 @@ def variants():
                 SUMSQ_SIG,
                 {"DTYPE": dtype, "HAS_SCALE": amp["HAS_SCALE"], "HAS_INF": amp["HAS_INF"], **MAIN},
             )
-        for dtype, ams in itertools.product(multi_tensor.TL_DTYPE.values(), (False, True)):
-            yield (
-                f"adam_main[{dtype},amsgrad={ams},{amp}]",
-                adam._adam_main,
-                {**MAIN_SIG, "HAS_AMSGRAD": "constexpr"},
-                {"DTYPE": dtype, "HAS_AMSGRAD": ams, **amp, **MAIN},
-            )
-        for dtype, c, m in itertools.product(
-            multi_tensor.TL_DTYPE.values(), (False, True), (False, True)
-        ):
-            yield (
-                f"rmsprop_main[{dtype},centered={c},momentum={m},{amp}]",
-                rmsprop._rmsprop_main,
-                {**MAIN_SIG, "HAS_CENTERED": "constexpr", "HAS_MOMENTUM": "constexpr"},
-                {"DTYPE": dtype, "HAS_CENTERED": c, "HAS_MOMENTUM": m, **amp, **MAIN},
-            )
+        for precision in _precisions(amp["CLIP"]):
+            for ams in (False, True):
+                yield (
+                    f"adam_main[{precision},amsgrad={ams},{amp}]",
+                    adam._adam_main,
+                    {**MAIN_SIG, "HAS_AMSGRAD": "constexpr"},
+                    {"HAS_AMSGRAD": ams, **_main_flags(precision, amp)},
+                )
+            for c, m in itertools.product((False, True), (False, True)):
+                yield (
+                    f"rmsprop_main[{precision},centered={c},momentum={m},{amp}]",
+                    rmsprop._rmsprop_main,
+                    {**MAIN_SIG, "HAS_CENTERED": "constexpr", "HAS_MOMENTUM": "constexpr"},
+                    {"HAS_CENTERED": c, "HAS_MOMENTUM": m, **_main_flags(precision, amp)},
+                )
 
 
 def main(archs):

@@ -50,10 +50,6 @@ def _register_fakes():
         torch.library.register_fake(op)(lambda *args, **kwargs: None)
 
 
-def _dtype_code(dtype):
-    return L.DTYPE_CODES[str(dtype).removeprefix("torch.")]
-
-
 class NativeBackend:
     # elements per chunk (one unit of work): big enough to amortize the per-chunk setup, small
     # enough to spread a single large tensor over every thread / SM.
@@ -84,7 +80,7 @@ class NativeBackend:
         steps = [s.step for s in slots]
         counters = [g.counter for g in work.lrs if g.counter is not None]
         grads = [s.grad for s in slots]
-        dtypes = [_dtype_code(d) for d, _ in tables.bucket_chunks]
+        dtypes = [L.bucket_code(b) for b, _ in tables.bucket_chunks]
         offsets = tables.bucket_offsets
         stream = torch.cuda.current_stream(work.device).cuda_stream if self.name == "cuda" else 0
         args = (

@@ -62,8 +62,45 @@ def _store(dst, value, skip):
     dst.copy_(value if skip is None else torch.where(skip, dst, value.to(dst.dtype)))
 
 
-def _adam(slot, h, lr, g, skip):
-    p, m, v, vmax = (_upcast(t, skip is not None) for t in (slot.param, *slot.states))
+_U32 = 0xFFFFFFFF
+
+
+def _mix32(x):
+    """murmur3's finalizer on int64 tensors holding uint32 values (as kernels/multi_tensor.py)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x85EBCA6B) & _U32
+    x = x ^ (x >> 13)
+    x = (x * 0xC2B2AE35) & _U32
+    return x ^ (x >> 16)
+
+
+def _stochastic_bf16(x, index, step):
+    """float32 ``x`` -> bf16 with the kernels' stochastic rounding: the same noise bits, a hash
+    of (element offset in storage order, tensor index, step)."""
+    flat = torch.as_strided(x, (x.numel(),), (1,), x.storage_offset())
+    offs = torch.arange(flat.numel(), device=x.device, dtype=torch.int64)
+    seed = _mix32(_mix32(torch.tensor(index, device=x.device)) ^ step.to(torch.int64))
+    noise = _mix32((offs & _U32) ^ seed) & 0xFFFF
+    bits = flat.view(torch.int32).to(torch.int64) & _U32
+    top = ((bits + noise) >> 16) & 0xFFFF
+    rounded = torch.where(top >= 0x8000, top - 0x10000, top).to(torch.int16).view(torch.bfloat16)
+    rounded = torch.where(flat != flat, flat.to(torch.bfloat16), rounded)
+    out = torch.empty_like(x, dtype=torch.bfloat16)
+    torch.as_strided(out, (out.numel(),), (1,), out.storage_offset()).copy_(rounded)
+    return out
+
+
+def _store_param(slot, index, p, skip):
+    """The parameter's store: stochastically rounded, or rounded to nearest; with a master, the
+    fp32 master and the model's parameter rounded to its dtype."""
+    value = _stochastic_bf16(p, index, slot.step) if slot.stochastic else p
+    _store(slot.param, value, skip)
+    _store(slot.shadow, p, skip)
+
+
+def _adam(slot, index, h, lr, g, skip):
+    copy = skip is not None or slot.stochastic
+    p, m, v, vmax = (_upcast(t, copy) for t in (slot.param, *slot.states))
     t = slot.step.to(torch.float64)
     beta1, beta2, wd = h["beta1"], h["beta2"], h["weight_decay"]
     step_size = _f32(lr / (1.0 - beta1**t))
@@ -83,12 +120,14 @@ def _adam(slot, h, lr, g, skip):
         v_used = vmax
     denom = (v_used.sqrt() / bc2_sqrt).add_(h["eps"])
     p.add_(m.mul(-step_size).div_(denom))  # addcdiv(value=-step_size), with a tensor value
-    for dst, value in zip((slot.param, *slot.states), (p, m, v, vmax)):
+    _store_param(slot, index, p, skip)
+    for dst, value in zip(slot.states, (m, v, vmax)):
         _store(dst, value, skip)
 
 
-def _rmsprop(slot, h, lr, g, skip):
-    p, sq, buf, ga = (_upcast(t, skip is not None) for t in (slot.param, *slot.states))
+def _rmsprop(slot, index, h, lr, g, skip):
+    copy = skip is not None or slot.stochastic
+    p, sq, buf, ga = (_upcast(t, copy) for t in (slot.param, *slot.states))
     alpha, wd, momentum = h["alpha"], h["weight_decay"], h["momentum"]
     if h["maximize"]:
         g = -g
@@ -108,7 +147,8 @@ def _rmsprop(slot, h, lr, g, skip):
         p.addcmul_(buf, neg_lr) if isinstance(neg_lr, torch.Tensor) else p.add_(buf, alpha=neg_lr)
     else:
         p.add_(g.mul(neg_lr).div_(avg))  # addcdiv(value=-lr), with a tensor value
-    for dst, value in zip((slot.param, *slot.states), (p, sq, buf, ga)):
+    _store_param(slot, index, p, skip)
+    for dst, value in zip(slot.states, (sq, buf, ga)):
         _store(dst, value, skip)
 
 
@@ -129,8 +169,8 @@ class TorchBackend:
             torch._foreach_add_(steps, keep)
         grads, norm = _grads(work, skip)
         update = _adam if opt._op == "adam" else _rmsprop
-        for slot, g in zip(work.slots, grads):
-            update(slot, work.hyper[slot.group], lrs[slot.group], g, skip)
+        for index, (slot, g) in enumerate(zip(work.slots, grads)):
+            update(slot, index, work.hyper[slot.group], lrs[slot.group], g, skip)
         opt._set_last_lr(
             work, [lr if glr.mode != LR_FLOAT else None for lr, glr in zip(lrs, work.lrs)]
         )

@@ -9,7 +9,8 @@ namespace fusedopt {
 constexpr int LR_FLOAT = 0, LR_TENSOR = 1, LR_NOAM = 2;
 
 // per tensor, int64 [T, TMETA_WIDTH]
-constexpr int T_PARAM = 0, T_S0 = 1, T_S1 = 2, T_S2 = 3, T_STEP = 4, T_NUMEL = 5, T_GROUP = 6;
+constexpr int T_PARAM = 0, T_S0 = 1, T_S1 = 2, T_S2 = 3, T_STEP = 4, T_NUMEL = 5, T_GROUP = 6,
+              T_SHADOW = 7;
 constexpr int TMETA_WIDTH = 8;
 
 // per group, int64 [G, GPTR_WIDTH]
@@ -31,11 +32,11 @@ constexpr int alpha = 4, eps = 5, weight_decay = 6, momentum = 7, centered = 8, 
 constexpr int SCAL_WIDTH = 12;
 namespace adam_scal {
 constexpr int step_size = 0, bc2_sqrt = 1, p_mul = 2, g_wd = 3, w1 = 4, beta2 = 5, w2 = 6, eps = 7,
-              sign = 8, amsgrad = 9;
+              sign = 8, amsgrad = 9, seed = 10;
 }
 namespace rmsprop_scal {
 constexpr int lr = 0, alpha = 1, w = 2, eps = 3, weight_decay = 4, momentum = 5, sign = 6,
-              centered = 7;
+              centered = 7, seed = 8;
 }
 
 // the per-device clip buffer, float32 [2]: the coefficient grads are multiplied by, the norm
@@ -43,5 +44,12 @@ constexpr int CLIP_COEF = 0, CLIP_NORM = 1;
 
 // dtype codes
 constexpr int DTYPE_FLOAT32 = 0, DTYPE_BFLOAT16 = 1, DTYPE_FLOAT16 = 2;
+
+// A bucket as one int: param | grad << 2 | state << 4 | shadow << 6 | stochastic << 7. param is the
+// dtype of the tensor the update reads and writes (the fp32 master when there is one), grad that
+// of the grads (and of the model's parameter a master is rounded into: the shadow), state that of
+// the optimizer state; stochastic: the (bf16) parameter is stored with stochastic rounding.
+constexpr int BUCKET_GRAD_SHIFT = 2, BUCKET_STATE_SHIFT = 4, BUCKET_SHADOW_BIT = 6,
+              BUCKET_STOCHASTIC_BIT = 7;
 
 }  // namespace fusedopt
