@@ -92,24 +92,30 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # ------------------------------------------------------------------------- bytes and roofline
 
 
-def bytes_per_param(optimizer, dtype, amsgrad=False, momentum=False, centered=False):
+def bytes_per_param(
+    optimizer, dtype, amsgrad=False, momentum=False, centered=False, state_dtype=None, master=False
+):
     """Bytes one fused pass moves per parameter: every input read once, every output written once.
 
-    Adam/AdamW read p, g, m, v and write p, m, v (7 accesses; AMSGrad adds a read and a write of
-    v_max); RMSprop reads p, g, v and writes p, v (5; momentum and centered add 2 each). fp32
-    AdamW: 28 B, with AMSGrad 36 B; RMSprop: 20 B; all-bf16 AdamW: 14 B. The training step
-    (clipping + AdamW) adds one read of the grads for the norm: 32 B.
+    Adam/AdamW read p, g, m, v and write p, m, v; AMSGrad adds a read and a write of v_max.
+    RMSprop reads p, g, v and writes p, v; momentum and centered add a read and a write each.
+    fp32 AdamW: 28 B, with AMSGrad 36 B; RMSprop: 20 B; all-bf16 AdamW: 14 B. The training step
+    (clipping + AdamW) adds one read of the grads for the norm: 32 B. State in ``state_dtype``
+    (fp32 params, bf16 moments: 20 B); with an fp32 ``master``, p is read and written in fp32 and
+    the parameter written once more in its own dtype (bf16 params, fp32 master and moments: 28 B).
     """
     size = torch.empty((), dtype=dtype).element_size()
-    if optimizer == "train-step":  # AdamW plus the norm pass's read of every grad
-        accesses = 8
-    elif optimizer.startswith("adam"):
-        accesses = 7 + (2 if amsgrad else 0)
+    state = torch.empty((), dtype=state_dtype or dtype).element_size()
+    p_read, p_write = (4, 4 + size) if master else (size, size)
+    if optimizer.startswith("adam") or optimizer == "train-step":
+        states = 2 + (1 if amsgrad else 0)
+        extra = size if optimizer == "train-step" else 0  # the norm pass reads every grad
     elif optimizer == "rmsprop":
-        accesses = 5 + (2 if momentum else 0) + (2 if centered else 0)
+        states = 1 + (1 if momentum else 0) + (1 if centered else 0)
+        extra = 0
     else:
         raise ValueError(f"unknown optimizer {optimizer!r}")
-    return size * accesses
+    return p_read + size + p_write + 2 * states * state + extra
 
 
 def roofline_seconds(n_params, bytes_each, bandwidth):
@@ -146,7 +152,16 @@ NOAM = Noam(d_model=512, warmup=4000)
 LR = 1e-4
 
 
-def _factories(optimizer, device, dtype, names, compile_torch):
+# --precision: the fusedopt options of each mode, and the parameter dtype it implies
+PRECISIONS = {
+    "plain": ({}, None),
+    "bf16-state": ({"state_dtype": torch.bfloat16}, torch.float32),
+    "master": ({"master_weights": True}, torch.bfloat16),
+    "stochastic": ({"stochastic_rounding": True}, torch.bfloat16),
+}
+
+
+def _factories(optimizer, device, dtype, names, compile_torch, precision="plain"):
     """provider name -> function(params) -> step function. ``names``: fusedopt backends."""
     base = "adamw" if optimizer in ("adamw-noam", "train-step") else optimizer
     noam = optimizer in ("adamw-noam", "train-step")
@@ -158,7 +173,7 @@ def _factories(optimizer, device, dtype, names, compile_torch):
 
         def make(params, name=name, lr=lr):
             return getattr(__import__("fusedopt"), fcls)(
-                params, lr=lr, backend=name, max_grad_norm=clip
+                params, lr=lr, backend=name, max_grad_norm=clip, **PRECISIONS[precision][0]
             ).step
 
         out[f"fusedopt {name}"] = make
@@ -311,17 +326,26 @@ def run_case(
     warmup,
     compile_torch=False,
     show_progress=False,
+    precision="plain",
 ):
-    """Rows for one (preset, optimizer, dtype) on ``device``."""
+    """Rows for one (preset, optimizer, dtype) on ``device``; ``precision``: a PRECISIONS mode of
+    the fusedopt providers (the torch ones keep every tensor in the parameters' dtype)."""
     shapes = PRESETS[preset][1]()
     n_params = sum(math.prod(s) for s in shapes)
-    bytes_each = bytes_per_param(optimizer, dtype)
+    options = PRECISIONS[precision][0]
+    bytes_each = bytes_per_param(
+        optimizer,
+        dtype,
+        state_dtype=options.get("state_dtype"),
+        master=options.get("master_weights", False),
+    )
     # Inputs rotate among enough parameter sets that the working set exceeds twice the last-level
     # cache: a small preset does not get to run from cache.
     copies = min(8, max(1, math.ceil(2 * _cache_bytes(device) / (n_params * bytes_each))))
     param_sets = [_make_params(shapes, dtype, device, seed) for seed in range(copies)]
     fns = {}
-    for label, make in _factories(optimizer, device, dtype, names, compile_torch).items():
+    factories = _factories(optimizer, device, dtype, names, compile_torch, precision)
+    for label, make in factories.items():
         try:
             steps = [make(ps) for ps in param_sets]
             steps[0]()  # fail here, not in the timed rounds
@@ -348,6 +372,7 @@ def run_case(
             {
                 "preset": preset,
                 "optimizer": optimizer,
+                "precision": precision,
                 "dtype": str(dtype).removeprefix("torch."),
                 "provider": provider,
                 "params": n_params,
@@ -422,6 +447,7 @@ def environment(device):
 COLUMNS = (
     "preset",
     "optimizer",
+    "precision",
     "dtype",
     "provider",
     "params",
@@ -450,8 +476,9 @@ def markdown(rows, env):
     ]
     for r in rows:
         speedup = f"{r['speedup_vs_torch_best']:.2f}x" if r["speedup_vs_torch_best"] else "-"
+        mode = "" if r.get("precision", "plain") == "plain" else f" ({r['precision']})"
         lines.append(
-            f"| {r['preset']} | {r['optimizer']} | {r['dtype']} | {r['provider']} | "
+            f"| {r['preset']} | {r['optimizer']}{mode} | {r['dtype']} | {r['provider']} | "
             f"{r['ms']:.3f} | {r['gb_s']:.1f} | {r['pct_copy']:.0f}% | {speedup} |"
         )
     return "\n".join(lines) + "\n"
@@ -532,6 +559,14 @@ def parse_args(argv):
     )
     ap.add_argument("--dtype", action="append", choices=sorted(DTYPES), help="default: float32")
     ap.add_argument(
+        "--precision",
+        action="append",
+        choices=list(PRECISIONS),
+        help="fusedopt's low-precision modes (repeatable): bf16-state (fp32 params, bf16 moments),"
+        " master (bf16 params, fp32 master and moments), stochastic (bf16 params, stochastic "
+        "rounding); torch's providers run the same parameters in their own dtype. Default: plain",
+    )
+    ap.add_argument(
         "--backend",
         action="append",
         choices=sorted(backends.BACKENDS),
@@ -584,18 +619,21 @@ def main(argv=None):
     show = not args.no_progress and sys.stderr.isatty()
     for preset in presets:
         for optimizer in optimizers:
-            for dtype in dtypes:
-                rows += run_case(
-                    preset,
-                    optimizer,
-                    dtype,
-                    device,
-                    names,
-                    repeats,
-                    args.warmup,
-                    args.compile,
-                    show,
-                )
+            for precision in args.precision or ["plain"]:
+                implied = PRECISIONS[precision][1]
+                for dtype in [implied] if implied is not None else dtypes:
+                    rows += run_case(
+                        preset,
+                        optimizer,
+                        dtype,
+                        device,
+                        names,
+                        repeats,
+                        args.warmup,
+                        args.compile,
+                        show,
+                        precision,
+                    )
     print(markdown(rows, env))
     stem = f"bench_{device.type}_{env['date'][:10]}" + ("_quick" if args.quick else "")
     paths = write_results(rows, env, args.out, stem)
