@@ -59,3 +59,44 @@ def test_exact_agreement(native, other, device, dtype, cls, groups):
             assert torch.equal(oa.state[a][key], ob.state[b][key]), f"param {i} {key}"
     for x, y in zip(oa.get_last_lr(), ob.get_last_lr()):
         assert float(x) == float(y)
+
+
+@pytest.mark.parametrize("native,other,device", PAIRS)
+@pytest.mark.parametrize(
+    "dtype,options",
+    [
+        pytest.param(torch.bfloat16, dict(master_weights=True), id="bf16-master"),
+        pytest.param(torch.float16, dict(master_weights=True), id="fp16-master"),
+        pytest.param(torch.float32, dict(state_dtype=torch.bfloat16), id="fp32-bf16state"),
+        pytest.param(torch.bfloat16, dict(stochastic_rounding=True), id="bf16-stochastic"),
+        pytest.param(
+            torch.bfloat16,
+            dict(stochastic_rounding=True, state_dtype=torch.float32),
+            id="bf16-stochastic-fp32state",
+        ),
+        pytest.param(torch.bfloat16, dict(state_dtype=torch.float32), id="bf16-fp32state"),
+    ],
+)
+@pytest.mark.parametrize("cls", ["AdamW", "RMSprop"])
+def test_exact_agreement_low_precision(native, other, device, dtype, options, cls):
+    """The mixed-precision buckets (fp32 master written back rounded, state in another dtype,
+    stochastic rounding with its hashed noise) agree bit for bit as well."""
+    for name in (native, other):
+        reason = backends.unavailable(name, device)
+        if reason:
+            pytest.skip(f"{name}: {reason}")
+    params = make_params(SHAPES, dtype=dtype, device=device)
+    kw = dict(momentum=0.9) if cls == "RMSprop" else dict(amsgrad=True)
+    runs = []
+    for name in (native, other):
+        ps = clone_params(params)
+        opt = getattr(fusedopt, cls)(ps, lr=1e-2, backend=name, **kw, **options)
+        for k in range(4):
+            set_grads(ps, grads(k, ps))
+            opt.step()
+        runs.append((opt, ps))
+    (oa, pa), (ob, pb) = runs
+    for i, (a, b) in enumerate(zip(pa, pb)):
+        assert torch.equal(a, b), f"param {i}"
+        for key in oa.state[a]:
+            assert torch.equal(oa.state[a][key], ob.state[b][key]), f"param {i} {key}"
