@@ -18,10 +18,17 @@ ROOT = Path(__file__).resolve().parents[1]
 CUDA_DIR = ROOT / "csrc" / "cuda"
 SOURCES = sorted(CUDA_DIR.glob("*.cu"))
 ARCHS = ("80", "90")
-# Kernels per arch: one prologue plus the main kernel for 3 dtypes x the template flags
-# (adam: HAS_AMSGRAD; rmsprop: HAS_CENTERED x HAS_MOMENTUM; both: HAS_SCALE, GradScaler's
-# unscaling); the clipping pre-pass (sumsq.cu) for 3 dtypes.
-KERNELS_PER_ARCH = {"adam.cu": 1 + 3 * 2 * 2, "rmsprop.cu": 1 + 3 * 4 * 2, "sumsq.cu": 3}
+# Kernels per arch: one prologue plus the main kernel for each bucket with kernels (11: csrc/cuda/
+# multi_tensor.cuh's SupportedBuckets, the (param, grad, state) dtypes with the shadow and
+# stochastic rounding) x the template flags (adam: HAS_AMSGRAD; rmsprop: HAS_CENTERED x
+# HAS_MOMENTUM; both: HAS_SCALE, GradScaler's unscaling); the clipping pre-pass (sumsq.cu) for the
+# 3 grad dtypes.
+N_BUCKETS = 11
+KERNELS_PER_ARCH = {
+    "adam.cu": 1 + N_BUCKETS * 2 * 2,
+    "rmsprop.cu": 1 + N_BUCKETS * 4 * 2,
+    "sumsq.cu": 3,
+}
 # What torch's CUDAExtension defines: the kernels must not rely on implicit half/bf16 conversions.
 TORCH_DEFINES = (
     "-D__CUDA_NO_HALF_OPERATORS__",

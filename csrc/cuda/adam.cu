@@ -9,6 +9,9 @@
 // GradScaler's unscaling (HAS_SCALE: divide, write the grad back) is a template flag too; skipped
 // steps (found_inf) and the clip coefficient are runtime values (multi_tensor.cuh's step_skipped,
 // GradIn).
+// One kernel per bucket (multi_tensor.cuh's Bucket: the dtypes of parameter, grads and state; a
+// shadow when the parameter is an fp32 master; stochastic rounding) and template flags; the
+// math runs in float32 whatever the dtypes.
 #include "launchers.h"
 #include "multi_tensor.cuh"
 
@@ -30,13 +33,15 @@ __global__ void __launch_bounds__(kPrologueBlock)
 }
 
 // One tensor's update over a chunk: its pointers and the prologue's scalars.
-template <typename T, bool HAS_AMSGRAD, bool HAS_SCALE>
+template <typename B, bool HAS_AMSGRAD, bool HAS_SCALE>
 struct AdamUpdate {
-  T* p;
-  T* g;  // written back unscaled with HAS_SCALE
-  T* m;
-  T* v;
-  T* vmax;  // touched only when amsgrad
+  using G = typename B::Grad;
+  using S = typename B::State;
+  ParamOut<B> out;  // the parameter: read from out.p, written through out
+  G* g;             // written back unscaled with HAS_SCALE
+  S* m;
+  S* v;
+  S* vmax;  // touched only when amsgrad
   float neg_step_size, bc2_sqrt, p_mul, g_wd, w1, beta2, w2, eps, sign;
   bool l2, amsgrad;
   GradIn<HAS_SCALE> grad_in;
@@ -44,7 +49,7 @@ struct AdamUpdate {
   template <int N>
   __device__ __forceinline__ void apply(int64_t i) const {
     float rp[N], rg[N], rm[N], rv[N], rmax[N];
-    load(p + i, rp);
+    load(out.p + i, rp);
     load(g + i, rg);
     grad_in.apply(g + i, rg);
     load(m + i, rm);
@@ -65,7 +70,7 @@ struct AdamUpdate {
       const float denom = __fdiv_rn(__fsqrt_rn(v_used), bc2_sqrt) + eps;
       rp[k] = pk + __fdiv_rn(neg_step_size * rm[k], denom);
     }
-    store(p + i, rp);
+    out.write(i, rp);
     store(m + i, rm);
     store(v + i, rv);
     if (HAS_AMSGRAD && amsgrad) store(vmax + i, rmax);
@@ -73,24 +78,27 @@ struct AdamUpdate {
 };
 
 // One block per chunk.
-template <typename T, bool HAS_AMSGRAD, bool HAS_SCALE>
+template <typename B, bool HAS_AMSGRAD, bool HAS_SCALE>
 __global__ void __launch_bounds__(kBlock)
     adam_main_kernel(const int64_t* __restrict__ tmeta, const int64_t* __restrict__ grads,
                      const float* __restrict__ scal, const int64_t* __restrict__ chunks,
                      int64_t chunk_size, const float* __restrict__ grad_scale,
                      const float* __restrict__ found_inf, const float* __restrict__ clip) {
+  using G = typename B::Grad;
+  using S = typename B::State;
+  constexpr int VEC = B::kVec;
   if (step_skipped(found_inf)) return;
   const int64_t chunk = blockIdx.x;
   const int64_t t = chunks[2 * chunk];
   const int64_t start = chunks[2 * chunk + 1];
   const int64_t* row = tmeta + t * TMETA_WIDTH;
   const float* s = scal + t * SCAL_WIDTH;
-  AdamUpdate<T, HAS_AMSGRAD, HAS_SCALE> op;
-  op.p = ptr_at<T>(row[T_PARAM]);
-  op.g = ptr_at<T>(grads[t]);
-  op.m = ptr_at<T>(row[T_S0]);
-  op.v = ptr_at<T>(row[T_S1]);
-  op.vmax = ptr_at<T>(row[T_S2]);
+  AdamUpdate<B, HAS_AMSGRAD, HAS_SCALE> op;
+  op.out = ParamOut<B>::read(row, t, s + adam_scal::seed);
+  op.g = ptr_at<G>(grads[t]);
+  op.m = ptr_at<S>(row[T_S0]);
+  op.v = ptr_at<S>(row[T_S1]);
+  op.vmax = ptr_at<S>(row[T_S2]);
   op.neg_step_size = -s[adam_scal::step_size];
   op.bc2_sqrt = s[adam_scal::bc2_sqrt];
   op.p_mul = s[adam_scal::p_mul];
@@ -103,48 +111,40 @@ __global__ void __launch_bounds__(kBlock)
   op.l2 = op.g_wd != 0.0f;
   op.amsgrad = s[adam_scal::amsgrad] != 0.0f;
   op.grad_in = GradIn<HAS_SCALE>::read(grad_scale, clip);
-  const bool vector = start % kVec<T> == 0 && aligned16(op.p) && aligned16(op.g) &&
-                      aligned16(op.m) && aligned16(op.v) &&
-                      (!(HAS_AMSGRAD && op.amsgrad) || aligned16(op.vmax));
+  const bool vector = start % VEC == 0 && op.out.template aligned<VEC>() &&
+                      aligned_for<VEC, G>(op.g) && aligned_for<VEC, S>(op.m) &&
+                      aligned_for<VEC, S>(op.v) &&
+                      (!(HAS_AMSGRAD && op.amsgrad) || aligned_for<VEC, S>(op.vmax));
   const int64_t end = min(start + chunk_size, row[T_NUMEL]);
-  for_each_in_chunk<kVec<T>>(op, start, end, vector);
+  for_each_in_chunk<VEC>(op, start, end, vector);
 }
 
-template <typename T>
+template <typename B>
 cudaError_t launch_main(const int64_t* tmeta, const int64_t* grads, const float* scal,
                         const int64_t* chunks, int64_t n_chunks, int64_t chunk_size,
                         bool has_amsgrad, const float* grad_scale, const float* found_inf,
                         const float* clip, cudaStream_t stream) {
+  if (n_chunks == 0) return cudaSuccess;
   const dim3 grid(static_cast<unsigned>(n_chunks));
   const bool scaled = grad_scale != nullptr;
-  const auto kernel = has_amsgrad ? (scaled ? adam_main_kernel<T, true, true>
-                                            : adam_main_kernel<T, true, false>)
-                                  : (scaled ? adam_main_kernel<T, false, true>
-                                            : adam_main_kernel<T, false, false>);
+  const auto kernel = has_amsgrad ? (scaled ? adam_main_kernel<B, true, true>
+                                            : adam_main_kernel<B, true, false>)
+                                  : (scaled ? adam_main_kernel<B, false, true>
+                                            : adam_main_kernel<B, false, false>);
   kernel<<<grid, kBlock, 0, stream>>>(tmeta, grads, scal, chunks, chunk_size, grad_scale,
                                       found_inf, clip);
   return cudaGetLastError();
 }
 
 cudaError_t adam_main(const int64_t* tmeta, const int64_t* grads, const float* scal,
-                      const int64_t* chunks, int64_t n_chunks, int64_t chunk_size, int dtype,
+                      const int64_t* chunks, int64_t n_chunks, int64_t chunk_size, int bucket,
                       bool has_amsgrad, const float* grad_scale, const float* found_inf,
                       const float* clip, cudaStream_t stream) {
   if (!chunk_grid_fits(n_chunks)) return cudaErrorInvalidValue;
-  if (n_chunks == 0) return cudaSuccess;
-  switch (dtype) {
-    case DTYPE_FLOAT32:
-      return launch_main<float>(tmeta, grads, scal, chunks, n_chunks, chunk_size, has_amsgrad,
-                                grad_scale, found_inf, clip, stream);
-    case DTYPE_BFLOAT16:
-      return launch_main<__nv_bfloat16>(tmeta, grads, scal, chunks, n_chunks, chunk_size,
-                                        has_amsgrad, grad_scale, found_inf, clip, stream);
-    case DTYPE_FLOAT16:
-      return launch_main<__half>(tmeta, grads, scal, chunks, n_chunks, chunk_size, has_amsgrad,
-                                 grad_scale, found_inf, clip, stream);
-    default:
-      return cudaErrorInvalidValue;
-  }
+  return dispatch_bucket(bucket, [&](auto b) {
+    return launch_main<decltype(b)>(tmeta, grads, scal, chunks, n_chunks, chunk_size,
+                                    has_amsgrad, grad_scale, found_inf, clip, stream);
+  });
 }
 
 }  // namespace
@@ -166,10 +166,10 @@ extern "C" int fusedopt_cuda_adam_prologue(const int64_t* tmeta, int64_t n_tenso
 
 extern "C" int fusedopt_cuda_adam_main(const int64_t* tmeta, const int64_t* grads,
                                        const float* scal, const int64_t* chunks, int64_t n_chunks,
-                                       int64_t chunk_size, int dtype, bool has_amsgrad,
+                                       int64_t chunk_size, int bucket, bool has_amsgrad,
                                        const float* grad_scale, const float* found_inf,
                                        const float* clip_buf, void* stream) {
-  return fusedopt::cuda::adam_main(tmeta, grads, scal, chunks, n_chunks, chunk_size, dtype,
+  return fusedopt::cuda::adam_main(tmeta, grads, scal, chunks, n_chunks, chunk_size, bucket,
                                    has_amsgrad, grad_scale, found_inf, clip_buf,
                                    static_cast<cudaStream_t>(stream));
 }

@@ -5,7 +5,9 @@
 #include <torch/library.h>
 
 #include <optional>
+#include <string>
 
+#include "fusedopt/layout.h"
 #include "launchers.h"
 
 namespace {
@@ -13,9 +15,63 @@ namespace {
 using at::Tensor;
 using at::TensorList;
 
+// A bucket code (layout.h's BUCKET_*) in words: "param bfloat16, grad bfloat16, state float32,
+// stochastic rounding".
+std::string describe_bucket(int64_t code) {
+  using namespace fusedopt;
+  if (code < 0 || code >= (int64_t{1} << (BUCKET_STOCHASTIC_BIT + 1))) {
+    return "invalid bucket code " + std::to_string(code);
+  }
+  const auto dtype = [](int64_t d) -> std::string {
+    switch (d) {
+      case DTYPE_FLOAT32:
+        return "float32";
+      case DTYPE_BFLOAT16:
+        return "bfloat16";
+      case DTYPE_FLOAT16:
+        return "float16";
+      default:
+        return "dtype code " + std::to_string(d);
+    }
+  };
+  std::string out = "param " + dtype(code & 3) + ", grad " +
+                    dtype((code >> BUCKET_GRAD_SHIFT) & 3) + ", state " +
+                    dtype((code >> BUCKET_STATE_SHIFT) & 3);
+  if ((code >> BUCKET_SHADOW_BIT) & 1) out += ", rounded into the model's parameter (master)";
+  if ((code >> BUCKET_STOCHASTIC_BIT) & 1) out += ", stochastic rounding";
+  return out;
+}
+
+// Every bucket with CUDA kernels, in words, for the error message of one without.
+std::string supported_buckets() {
+  std::string out;
+  for (int code = 0; code < (1 << (fusedopt::BUCKET_STOCHASTIC_BIT + 1)); ++code) {
+    if (fusedopt_cuda_bucket_supported(code)) out += "\n  " + describe_bucket(code);
+  }
+  return out;
+}
+
 void check(int err, const char* what) {
   TORCH_CHECK(err == 0, "fusedopt: launching the CUDA ", what, " kernel failed (cudaError ", err,
               ")");
+}
+
+// The same for one bucket's kernel, naming the bucket.
+void check(int err, const char* what, size_t b, int64_t code) {
+  TORCH_CHECK(err == 0, "fusedopt: launching the CUDA ", what, " kernel for bucket ", b, " (",
+              describe_bucket(code), ") failed (cudaError ", err, ")");
+}
+
+// Every bucket must have kernels before anything is launched: a step is all or nothing.
+void check_buckets(at::IntArrayRef codes) {
+  for (size_t b = 0; b < codes.size(); ++b) {
+    TORCH_CHECK(codes[b] >= 0 && codes[b] <= INT32_MAX &&
+                    fusedopt_cuda_bucket_supported(static_cast<int>(codes[b])),
+                "fusedopt: the CUDA backend has no kernel for bucket ", b, " (",
+                describe_bucket(codes[b]), "; code ", codes[b], "). It has kernels for:",
+                supported_buckets(),
+                "\nbackend=\"triton\" or \"torch\" run any other precision setting.");
+  }
 }
 
 // The metadata tables of one step, checked once (as csrc/binding.cpp's Tables, on a CUDA device).
@@ -71,13 +127,16 @@ const float* scalar_ptr(const std::optional<Tensor>& t, const Tables& tb, const 
 // reads it): with clipping, the sum-of-squares pass per bucket; the prologue (which also reduces
 // the partials to the clip coefficient); the update per bucket.
 // prologue(found_inf, partials, n_partials, max_norm, clip, clip_buf, stream) and
-// main(bucket, dtype, grad_scale, found_inf, clip_buf, stream) launch the optimizer's kernels.
+// main(b, bucket code, grad_scale, found_inf, clip_buf, stream) launch the optimizer's kernels.
+// bucket_dtypes holds one bucket code per bucket (layout.h's BUCKET_*: the dtypes of parameter,
+// grads and state, and whether there is a shadow / stochastic rounding).
 template <typename Prologue, typename Main>
 void cuda_step(const Tables& tb, const std::optional<Tensor>& grad_scale,
                const std::optional<Tensor>& found_inf, std::optional<double> max_norm,
                int64_t stream, const char* prologue_name, const char* main_name,
                Prologue prologue, Main main) {
   tb.check();
+  check_buckets(tb.bucket_dtypes);
   const float* scale = scalar_ptr(grad_scale, tb, "grad_scale");
   const float* inf = scalar_ptr(found_inf, tb, "found_inf");
   void* s = reinterpret_cast<void*>(stream);
@@ -91,7 +150,7 @@ void cuda_step(const Tables& tb, const std::optional<Tensor>& grad_scale,
                                 tb.chunks_of(b), tb.bucket_size(b), tb.chunk_size,
                                 static_cast<int>(tb.bucket_dtypes[b]), scale, inf,
                                 partials + tb.bucket_offsets[b], s),
-            "sum-of-squares");
+            "sum-of-squares", b, tb.bucket_dtypes[b]);
     }
   }
   check(prologue(inf, partials, tb.n_chunks(), clip ? static_cast<float>(*max_norm) : 0.0f, clip,
@@ -100,7 +159,7 @@ void cuda_step(const Tables& tb, const std::optional<Tensor>& grad_scale,
   for (size_t b = 0; b < tb.bucket_dtypes.size(); ++b) {
     check(main(b, static_cast<int>(tb.bucket_dtypes[b]), scale, inf, clip ? clip_buf : nullptr,
                s),
-          main_name);
+          main_name, b, tb.bucket_dtypes[b]);
   }
 }
 
@@ -123,11 +182,11 @@ void adam_step_cuda(TensorList, TensorList, TensorList, TensorList, TensorList,
             gptr.data_ptr<int64_t>(), glr.data_ptr<double>(), hyper.size(0),
             scal.data_ptr<float>(), inf, parts, n_parts, norm, do_clip, clip_buf, s);
       },
-      [&](size_t b, int dtype, const float* scale, const float* inf, const float* clip_buf,
+      [&](size_t b, int bucket, const float* scale, const float* inf, const float* clip_buf,
           void* s) {
         return fusedopt_cuda_adam_main(tmeta.data_ptr<int64_t>(), grads_meta.data_ptr<int64_t>(),
                                        scal.data_ptr<float>(), tb.chunks_of(b), tb.bucket_size(b),
-                                       chunk_size, dtype, has_amsgrad, scale, inf, clip_buf, s);
+                                       chunk_size, bucket, has_amsgrad, scale, inf, clip_buf, s);
       });
 }
 
@@ -150,11 +209,11 @@ void rmsprop_step_cuda(TensorList, TensorList, TensorList, TensorList, TensorLis
             gptr.data_ptr<int64_t>(), glr.data_ptr<double>(), hyper.size(0),
             scal.data_ptr<float>(), inf, parts, n_parts, norm, do_clip, clip_buf, s);
       },
-      [&](size_t b, int dtype, const float* scale, const float* inf, const float* clip_buf,
+      [&](size_t b, int bucket, const float* scale, const float* inf, const float* clip_buf,
           void* s) {
         return fusedopt_cuda_rmsprop_main(
             tmeta.data_ptr<int64_t>(), grads_meta.data_ptr<int64_t>(), scal.data_ptr<float>(),
-            tb.chunks_of(b), tb.bucket_size(b), chunk_size, dtype, has_centered, has_momentum,
+            tb.chunks_of(b), tb.bucket_size(b), chunk_size, bucket, has_centered, has_momentum,
             scale, inf, clip_buf, s);
       });
 }

@@ -7,7 +7,14 @@
 // [n_tensors, SCAL_WIDTH] (written by the prologue, read by the main pass), chunks int64
 // [n_chunks, 2] of (tensor index, first element), each chunk_size elements long (or up to the
 // tensor's end).
-// `dtype` is a DTYPE_* code, the dtype of every tensor the chunks touch; `stream` a cudaStream_t.
+// `bucket` is a bucket code (layout.h's BUCKET_*: param | grad << 2 | state << 4 | shadow << 6 |
+// stochastic << 7, dtype codes DTYPE_*) that holds for every tensor the chunks touch: the
+// parameter (tmeta's T_PARAM, the fp32 master when there is one) is read and written in `param`,
+// the grads in `grad`, the three state slots in `state`; with `shadow` the new parameter is also
+// stored, rounded to nearest even, into tmeta's T_SHADOW in `grad`; with `stochastic` the (bf16)
+// parameter is stored with stochastic rounding (kernels/multi_tensor.py's stochastic_bf16, seeded
+// by the tensor's row and the step the prologue writes to scal). Kernels exist for the buckets
+// fusedopt_cuda_bucket_supported accepts. `stream` is a cudaStream_t.
 //
 // GradScaler and clipping (each pointer null when absent): grad_scale and found_inf are
 // torch.amp.GradScaler's float32 scalars. A step with *found_inf != 0 changes nothing (every
@@ -15,22 +22,25 @@
 // gradient element by *grad_scale and writes the unscaled gradient back. clip_buf is float32
 // [2] (layout.h's CLIP_COEF, CLIP_NORM); partials float32, one per chunk of the whole chunk list.
 //
-// Each step runs, on one stream: with clipping, the sum-of-squares pass once per dtype bucket
+// Each step runs, on one stream: with clipping, the sum-of-squares pass once per bucket
 // (partials offset to the bucket's first chunk); the prologue once (which, with clipping, reduces
-// partials[0, n_partials) and writes clip_buf); then the main pass once per dtype bucket (which,
-// with clipping, multiplies the gradients by clip_buf[CLIP_COEF]).
+// partials[0, n_partials) and writes clip_buf); then the main pass once per bucket (which, with
+// clipping, multiplies the gradients by clip_buf[CLIP_COEF]).
 //
 // Each returns the cudaError_t of cudaGetLastError() after its launch (0: launched), or
-// cudaErrorInvalidValue for an unknown dtype or an n_chunks outside [0, 2^31).
+// cudaErrorInvalidValue (1) for a bucket without kernels or an n_chunks outside [0, 2^31).
 #pragma once
 
 #include <cstdint>
 
 extern "C" {
 
+// 1 when the main kernels are compiled for this bucket code, else 0 (no launch, no CUDA call).
+int fusedopt_cuda_bucket_supported(int bucket);
+
 // Each chunk's float32 sum of squares of the (unscaled) gradient, into partials[chunk].
 int fusedopt_cuda_sumsq(const int64_t* tmeta, const int64_t* grads, const int64_t* chunks,
-                        int64_t n_chunks, int64_t chunk_size, int dtype, const float* grad_scale,
+                        int64_t n_chunks, int64_t chunk_size, int bucket, const float* grad_scale,
                         const float* found_inf, float* partials, void* stream);
 
 int fusedopt_cuda_adam_prologue(const int64_t* tmeta, int64_t n_tensors, const double* hyper,
@@ -40,7 +50,7 @@ int fusedopt_cuda_adam_prologue(const int64_t* tmeta, int64_t n_tensors, const d
 
 int fusedopt_cuda_adam_main(const int64_t* tmeta, const int64_t* grads, const float* scal,
                             const int64_t* chunks, int64_t n_chunks, int64_t chunk_size,
-                            int dtype, bool has_amsgrad, const float* grad_scale,
+                            int bucket, bool has_amsgrad, const float* grad_scale,
                             const float* found_inf, const float* clip_buf, void* stream);
 
 int fusedopt_cuda_rmsprop_prologue(const int64_t* tmeta, int64_t n_tensors, const double* hyper,
@@ -51,7 +61,7 @@ int fusedopt_cuda_rmsprop_prologue(const int64_t* tmeta, int64_t n_tensors, cons
 
 int fusedopt_cuda_rmsprop_main(const int64_t* tmeta, const int64_t* grads, const float* scal,
                                const int64_t* chunks, int64_t n_chunks, int64_t chunk_size,
-                               int dtype, bool has_centered, bool has_momentum,
+                               int bucket, bool has_centered, bool has_momentum,
                                const float* grad_scale, const float* found_inf,
                                const float* clip_buf, void* stream);
 

@@ -1,8 +1,9 @@
-// What the fused multi-tensor CUDA kernels share: typed loads and stores (128-bit packs or single
-// elements), the chunk loop, torch.maximum, GradScaler's skipped steps and in-kernel unscaling,
-// and the prologue's group-lr loop and clip coefficient (the scalar math is in
-// fusedopt/step_math.h, shared with the CPU kernels). Torch-free: CUDA's headers and fusedopt/*.h
-// only.
+// What the fused multi-tensor CUDA kernels share: typed loads and stores (vector packs or single
+// elements), the buckets (the dtypes of parameter, grads and state; fp32 masters, stochastic
+// rounding) and their dispatch, the parameter's store, the chunk loop, torch.maximum, GradScaler's
+// skipped steps and in-kernel unscaling, and the prologue's group-lr loop and clip coefficient
+// (the scalar math is in fusedopt/step_math.h, shared with the CPU kernels). Torch-free: CUDA's
+// headers and fusedopt/*.h only.
 //
 // Rounding follows torch's kernels, which is what makes fp32 parity "close to rounding": a
 // multiply-add is one FMA exactly where torch fuses it (add(alpha=), addcmul, lerp) and two
@@ -14,6 +15,8 @@
 
 #include <cstdint>
 #include <cstring>
+#include <tuple>
+#include <type_traits>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -58,52 +61,253 @@ __device__ __forceinline__ __half from_float<__half>(float x) {
   return __float2half_rn(x);
 }
 
-// Elements per 128-bit access: 4 floats, 8 bf16 or fp16.
-template <typename T>
-constexpr int kVec = 16 / sizeof(T);
+// N consecutive elements of T, moved in naturally aligned accesses of min(16, N * sizeof(T))
+// bytes (N * sizeof(T) >= 16: as many 128-bit accesses as that takes). __ldca / __stwb are plain
+// loads and stores (default caching, .ca / .wb) in the global space: the addresses come from
+// tables in memory, so plain dereferences would compile to generic ld / st.
+template <int N, typename T>
+constexpr int kAccessBytes = N * sizeof(T) < 16 ? N * sizeof(T) : 16;
 
-// N = 1 or kVec<T> consecutive elements, as float. __ldca / __stwb are plain loads and stores
-// (default caching, .ca / .wb) in the global space: the addresses come from tables in memory, so
-// plain dereferences would compile to generic ld / st.
+template <int N, typename T>
+__device__ __forceinline__ void load_raw(const T* src, T (&dst)[N]) {
+  constexpr int bytes = N * sizeof(T);
+  if constexpr (N == 1) {
+    dst[0] = __ldca(src);  // typed: for 16-bit types, fewer registers than through an integer
+  } else if constexpr (bytes >= 16) {
+    static_assert(bytes % 16 == 0, "whole 128-bit accesses");
+#pragma unroll
+    for (int k = 0; k < bytes / 16; ++k) {
+      const uint4 raw = __ldca(reinterpret_cast<const uint4*>(src) + k);
+      memcpy(reinterpret_cast<char*>(dst) + 16 * k, &raw, 16);
+    }
+  } else if constexpr (bytes == 8) {
+    const uint2 raw = __ldca(reinterpret_cast<const uint2*>(src));
+    memcpy(dst, &raw, 8);
+  } else {
+    static_assert(bytes == 4, "one element, 4, 8 or a multiple of 16 bytes");
+    const unsigned raw = __ldca(reinterpret_cast<const unsigned*>(src));
+    memcpy(dst, &raw, 4);
+  }
+}
+
+template <int N, typename T>
+__device__ __forceinline__ void store_raw(T* dst, const T (&src)[N]) {
+  constexpr int bytes = N * sizeof(T);
+  if constexpr (N == 1) {
+    __stwb(dst, src[0]);
+  } else if constexpr (bytes >= 16) {
+    static_assert(bytes % 16 == 0, "whole 128-bit accesses");
+#pragma unroll
+    for (int k = 0; k < bytes / 16; ++k) {
+      uint4 raw;
+      memcpy(&raw, reinterpret_cast<const char*>(src) + 16 * k, 16);
+      __stwb(reinterpret_cast<uint4*>(dst) + k, raw);
+    }
+  } else if constexpr (bytes == 8) {
+    uint2 raw;
+    memcpy(&raw, src, 8);
+    __stwb(reinterpret_cast<uint2*>(dst), raw);
+  } else {
+    static_assert(bytes == 4, "one element, 4, 8 or a multiple of 16 bytes");
+    unsigned raw;
+    memcpy(&raw, src, 4);
+    __stwb(reinterpret_cast<unsigned*>(dst), raw);
+  }
+}
+
+// N consecutive elements of T, as float.
 template <int N, typename T>
 __device__ __forceinline__ void load(const T* src, float (&dst)[N]) {
-  if constexpr (N == 1) {
-    dst[0] = to_float(__ldca(src));
-  } else {
-    static_assert(N == kVec<T>, "one 128-bit access");
-    const uint4 raw = __ldca(reinterpret_cast<const uint4*>(src));
-    T elems[N];
-    memcpy(elems, &raw, sizeof(raw));
+  T elems[N];
+  load_raw(src, elems);
 #pragma unroll
-    for (int k = 0; k < N; ++k) dst[k] = to_float(elems[k]);
-  }
+  for (int k = 0; k < N; ++k) dst[k] = to_float(elems[k]);
 }
 
 template <int N, typename T>
 __device__ __forceinline__ void store(T* dst, const float (&src)[N]) {
-  if constexpr (N == 1) {
-    __stwb(dst, from_float<T>(src[0]));
-  } else {
-    static_assert(N == kVec<T>, "one 128-bit access");
-    T elems[N];
+  T elems[N];
 #pragma unroll
-    for (int k = 0; k < N; ++k) elems[k] = from_float<T>(src[k]);
-    uint4 raw;
-    memcpy(&raw, elems, sizeof(raw));
-    __stwb(reinterpret_cast<uint4*>(dst), raw);
-  }
+  for (int k = 0; k < N; ++k) elems[k] = from_float<T>(src[k]);
+  store_raw(dst, elems);
 }
 
-__device__ __forceinline__ bool aligned16(const void* p) {
-  return (reinterpret_cast<uintptr_t>(p) & 15) == 0;
+// Whether load / store of N elements of T may start at p (accesses naturally aligned).
+template <int N, typename T>
+__device__ __forceinline__ bool aligned_for(const void* p) {
+  return (reinterpret_cast<uintptr_t>(p) & (kAccessBytes<N, T> - 1)) == 0;
 }
+
+// ---- buckets ------------------------------------------------------------------------------------
+
+template <typename T>
+constexpr int dtype_code();
+template <>
+constexpr int dtype_code<float>() {
+  return DTYPE_FLOAT32;
+}
+template <>
+constexpr int dtype_code<__nv_bfloat16>() {
+  return DTYPE_BFLOAT16;
+}
+template <>
+constexpr int dtype_code<__half>() {
+  return DTYPE_FLOAT16;
+}
+
+// layout.h's bucket code (fusedopt/_layout.py's bucket_code).
+constexpr int bucket_code(int param, int grad, int state, bool shadow, bool stochastic) {
+  return param | grad << BUCKET_GRAD_SHIFT | state << BUCKET_STATE_SHIFT |
+         static_cast<int>(shadow) << BUCKET_SHADOW_BIT |
+         static_cast<int>(stochastic) << BUCKET_STOCHASTIC_BIT;
+}
+
+// One bucket as types (fusedopt.optimizer.Bucket): the updated parameter P (the fp32 master when
+// there is one), the grads G, the state S. A master (P != G: a grad always has its model
+// parameter's dtype) is rounded into the model's parameter, the shadow (tmeta's T_SHADOW, of
+// type G); STOCHASTIC: the (bf16) parameter is stored with stochastic rounding.
+// kVec: elements per thread and step of the vector path, one 128-bit access of the widest type
+// (narrower types: one naturally aligned 64- or 32-bit access), which keeps registers at what a
+// single-dtype kernel of the widest type needs (16 / the narrowest size, i.e. two 128-bit accesses
+// per fp32 array, cost 8 to 20 more registers per thread in ptxas, sm_90).
+template <typename P, typename G, typename S, bool STOCHASTIC = false>
+struct Bucket {
+  using Param = P;
+  using Grad = G;
+  using State = S;
+  static constexpr bool kShadow = !std::is_same<P, G>::value;
+  static constexpr bool kStochastic = STOCHASTIC;
+  static constexpr int kCode = bucket_code(dtype_code<P>(), dtype_code<G>(), dtype_code<S>(),
+                                           kShadow, STOCHASTIC);
+  static constexpr size_t kWidest = sizeof(P) > sizeof(G)
+                                        ? (sizeof(P) > sizeof(S) ? sizeof(P) : sizeof(S))
+                                        : (sizeof(G) > sizeof(S) ? sizeof(G) : sizeof(S));
+  static constexpr int kVec = 16 / kWidest;
+  static_assert(!STOCHASTIC || std::is_same<P, __nv_bfloat16>::value,
+                "stochastic rounding stores bf16 parameters");
+  static_assert(!kShadow || std::is_same<P, float>::value, "a master is fp32");
+};
+
+using f32 = float;
+using bf16 = __nv_bfloat16;
+using f16 = __half;
+// The buckets the main kernels are compiled for; any other code is cudaErrorInvalidValue.
+using SupportedBuckets = std::tuple<
+    Bucket<f32, f32, f32>, Bucket<bf16, bf16, bf16>, Bucket<f16, f16, f16>,  // one dtype
+    Bucket<f32, f32, bf16>, Bucket<f32, f32, f16>,                           // low-precision state
+    Bucket<f32, bf16, f32>, Bucket<f32, f16, f32>, Bucket<f32, bf16, bf16>,  // fp32 master
+    Bucket<bf16, bf16, f32>,                                                 // fp32 state
+    Bucket<bf16, bf16, bf16, true>, Bucket<bf16, bf16, f32, true>>;          // stochastic
+
+template <typename... B>
+constexpr bool distinct_codes(std::tuple<B...>*) {
+  const int codes[] = {B::kCode...};
+  for (size_t i = 0; i < sizeof...(B); ++i) {
+    for (size_t j = 0; j < i; ++j) {
+      if (codes[i] == codes[j]) return false;
+    }
+  }
+  return true;
+}
+static_assert(distinct_codes(static_cast<SupportedBuckets*>(nullptr)), "one kernel per bucket");
+
+template <typename F, typename... B>
+cudaError_t dispatch_in(int code, F& f, std::tuple<B...>*) {
+  cudaError_t err = cudaErrorInvalidValue;
+  static_cast<void>(((code == B::kCode ? (err = f(B{}), true) : false) || ...));
+  return err;
+}
+
+// f(Bucket<...>{}) for the bucket `code` encodes, or cudaErrorInvalidValue (f not called) when
+// no kernel is compiled for it.
+template <typename F>
+cudaError_t dispatch_bucket(int code, F&& f) {
+  return dispatch_in(code, f, static_cast<SupportedBuckets*>(nullptr));
+}
+
+inline bool bucket_supported(int code) {
+  return dispatch_bucket(code, [](auto) { return cudaSuccess; }) == cudaSuccess;
+}
+
+// The grad dtype code of a bucket code.
+constexpr int bucket_grad(int code) { return (code >> BUCKET_GRAD_SHIFT) & 3; }
+
+// ---- storing the parameter --------------------------------------------------------------------
+
+// murmur3's 32-bit finalizer (kernels/multi_tensor.py's _mix32).
+__device__ __forceinline__ uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x85EBCA6Bu;
+  x ^= x >> 13;
+  x *= 0xC2B2AE35u;
+  return x ^ (x >> 16);
+}
+
+// Stochastic rounding's per-tensor seed from the tensor's row t in tmeta and its step (the
+// prologue's scal[t][*_scal::seed], a whole number held in a float).
+__device__ __forceinline__ uint32_t stochastic_seed(int64_t t, float step) {
+  const uint32_t s = static_cast<uint32_t>(static_cast<int64_t>(step));
+  return mix32(mix32(static_cast<uint32_t>(t)) ^ s);
+}
+
+// float -> bf16, rounded up with probability equal to the dropped fraction (kernels/
+// multi_tensor.py's stochastic_bf16, bit for bit): 16 noise bits hashed from the element's offset
+// in its tensor (its low 32 bits) and the seed. A NaN is converted as from_float converts it.
+__device__ __forceinline__ __nv_bfloat16 stochastic_bf16(float x, uint32_t offset, uint32_t seed) {
+  if (x != x) return from_float<__nv_bfloat16>(x);
+  const uint32_t noise = mix32(offset ^ seed) & 0xFFFFu;
+  return __ushort_as_bfloat16(static_cast<unsigned short>((__float_as_uint(x) + noise) >> 16));
+}
+
+// Where the updated parameter goes (kernels/multi_tensor.py's store_param): p, rounded to nearest
+// even or (kStochastic) stochastically; with a master (kShadow), the model's parameter too,
+// rounded to nearest even.
+template <typename B>
+struct ParamOut {
+  using P = typename B::Param;
+  using G = typename B::Grad;
+  P* p;
+  G* shadow;      // kShadow only
+  uint32_t seed;  // kStochastic only
+
+  // row: the tensor's row t of tmeta; seed_step: its scal[t][*_scal::seed].
+  __device__ __forceinline__ static ParamOut read(const int64_t* row, int64_t t,
+                                                  const float* seed_step) {
+    ParamOut out;
+    out.p = ptr_at<P>(row[T_PARAM]);
+    out.shadow = B::kShadow ? ptr_at<G>(row[T_SHADOW]) : nullptr;
+    out.seed = B::kStochastic ? stochastic_seed(t, *seed_step) : 0u;
+    return out;
+  }
+
+  template <int N>
+  __device__ __forceinline__ bool aligned() const {
+    return aligned_for<N, P>(p) && (!B::kShadow || aligned_for<N, G>(shadow));
+  }
+
+  // rp: the N updated elements [i, i + N).
+  template <int N>
+  __device__ __forceinline__ void write(int64_t i, const float (&rp)[N]) const {
+    if constexpr (B::kStochastic) {
+      const uint32_t offset = static_cast<uint32_t>(i);  // the low bits are all the hash reads
+      __nv_bfloat16 elems[N];
+#pragma unroll
+      for (int k = 0; k < N; ++k) elems[k] = stochastic_bf16(rp[k], offset + k, seed);
+      store_raw(p + i, elems);
+    } else {
+      store(p + i, rp);
+    }
+    if constexpr (B::kShadow) store(shadow + i, rp);
+  }
+};
 
 // ---- main pass ----------------------------------------------------------------------------------
 
 // Calls op.apply<N>(i), which updates elements [i, i + N), over [start, end) of one chunk. With
-// `vector` (every pointer op touches is 16-byte aligned and start is a multiple of VEC) it goes
-// VEC elements at a time and then finishes the tensor's tail one by one; otherwise one by one
-// throughout, which is correct for any alignment. Offsets are 64-bit: tensors may exceed 2^31.
+// `vector` (every pointer op touches is aligned for VEC-element accesses, aligned_for, and start
+// is a multiple of VEC) it goes VEC elements at a time and then finishes the tensor's tail one by
+// one; otherwise one by one throughout, which is correct for any alignment. Offsets are 64-bit:
+// tensors may exceed 2^31.
 template <int VEC, typename Op>
 __device__ __forceinline__ void for_each_in_chunk(const Op& op, int64_t start, int64_t end,
                                                   bool vector) {

@@ -9,6 +9,9 @@
 // flags only compile their code in or out, as HAS_SCALE does GradScaler's unscaling (divide,
 // write the grad back); skipped steps (found_inf) and the clip coefficient are runtime values
 // (multi_tensor.cuh's step_skipped, GradIn).
+// One kernel per bucket (multi_tensor.cuh's Bucket: the dtypes of parameter, grads and state; a
+// shadow when the parameter is an fp32 master; stochastic rounding) and template flags; the
+// math runs in float32 whatever the dtypes.
 #include "launchers.h"
 #include "multi_tensor.cuh"
 
@@ -23,20 +26,22 @@ __global__ void __launch_bounds__(kPrologueBlock)
   if (!prologue_common(hyper, gptr, glr, n_groups, found_inf, clip)) return;
   for (int64_t t = threadIdx.x; t < n_tensors; t += blockDim.x) {
     const int64_t* row = tmeta + t * TMETA_WIDTH;
-    advance_step(row);
+    const int64_t step = advance_step(row);
     const int64_t grp = row[T_GROUP];
-    rmsprop_scalars(hyper + grp * HYPER_WIDTH, glr[grp], scal + t * SCAL_WIDTH);
+    rmsprop_scalars(hyper + grp * HYPER_WIDTH, glr[grp], step, scal + t * SCAL_WIDTH);
   }
 }
 
 // One tensor's update over a chunk: its pointers and the prologue's scalars.
-template <typename T, bool HAS_CENTERED, bool HAS_MOMENTUM, bool HAS_SCALE>
+template <typename B, bool HAS_CENTERED, bool HAS_MOMENTUM, bool HAS_SCALE>
 struct RmspropUpdate {
-  T* p;
-  T* g;  // written back unscaled with HAS_SCALE
-  T* sq;
-  T* buf;  // touched only when use_momentum
-  T* ga;   // touched only when centered
+  using G = typename B::Grad;
+  using S = typename B::State;
+  ParamOut<B> out;  // the parameter: read from out.p, written through out
+  G* g;             // written back unscaled with HAS_SCALE
+  S* sq;
+  S* buf;  // touched only when use_momentum
+  S* ga;   // touched only when centered
   float neg_lr, alpha, w, eps, wd, momentum, sign;
   bool l2, centered, use_momentum;
   GradIn<HAS_SCALE> grad_in;
@@ -44,7 +49,7 @@ struct RmspropUpdate {
   template <int N>
   __device__ __forceinline__ void apply(int64_t i) const {
     float rp[N], rg[N], rsq[N], rga[N], rbuf[N];
-    load(p + i, rp);
+    load(out.p + i, rp);
     load(g + i, rg);
     grad_in.apply(g + i, rg);
     load(sq + i, rsq);
@@ -68,32 +73,39 @@ struct RmspropUpdate {
         rp[k] = rp[k] + __fdiv_rn(neg_lr * gk, avg);
       }
     }
-    store(p + i, rp);
+    // Stochastic rounding's hashing runs last, once the state is stored (fewer live registers);
+    // the other buckets store the parameter first. Either order for all spills on sm_80 (12 or
+    // 24 bytes, in the centered + momentum + GradScaler variant of one bf16 bucket or the other).
+    if constexpr (!B::kStochastic) out.write(i, rp);
     store(sq + i, rsq);
     if (HAS_CENTERED && centered) store(ga + i, rga);
     if (HAS_MOMENTUM && use_momentum) store(buf + i, rbuf);
+    if constexpr (B::kStochastic) out.write(i, rp);
   }
 };
 
 // One block per chunk.
-template <typename T, bool HAS_CENTERED, bool HAS_MOMENTUM, bool HAS_SCALE>
+template <typename B, bool HAS_CENTERED, bool HAS_MOMENTUM, bool HAS_SCALE>
 __global__ void __launch_bounds__(kBlock)
     rmsprop_main_kernel(const int64_t* __restrict__ tmeta, const int64_t* __restrict__ grads,
                         const float* __restrict__ scal, const int64_t* __restrict__ chunks,
                         int64_t chunk_size, const float* __restrict__ grad_scale,
                         const float* __restrict__ found_inf, const float* __restrict__ clip) {
+  using G = typename B::Grad;
+  using S = typename B::State;
+  constexpr int VEC = B::kVec;
   if (step_skipped(found_inf)) return;
   const int64_t chunk = blockIdx.x;
   const int64_t t = chunks[2 * chunk];
   const int64_t start = chunks[2 * chunk + 1];
   const int64_t* row = tmeta + t * TMETA_WIDTH;
   const float* s = scal + t * SCAL_WIDTH;
-  RmspropUpdate<T, HAS_CENTERED, HAS_MOMENTUM, HAS_SCALE> op;
-  op.p = ptr_at<T>(row[T_PARAM]);
-  op.g = ptr_at<T>(grads[t]);
-  op.sq = ptr_at<T>(row[T_S0]);
-  op.buf = ptr_at<T>(row[T_S1]);
-  op.ga = ptr_at<T>(row[T_S2]);
+  RmspropUpdate<B, HAS_CENTERED, HAS_MOMENTUM, HAS_SCALE> op;
+  op.out = ParamOut<B>::read(row, t, s + rmsprop_scal::seed);
+  op.g = ptr_at<G>(grads[t]);
+  op.sq = ptr_at<S>(row[T_S0]);
+  op.buf = ptr_at<S>(row[T_S1]);
+  op.ga = ptr_at<S>(row[T_S2]);
   op.neg_lr = -s[rmsprop_scal::lr];
   op.alpha = s[rmsprop_scal::alpha];
   op.w = s[rmsprop_scal::w];
@@ -105,12 +117,12 @@ __global__ void __launch_bounds__(kBlock)
   op.centered = s[rmsprop_scal::centered] != 0.0f;
   op.use_momentum = op.momentum > 0.0f;
   op.grad_in = GradIn<HAS_SCALE>::read(grad_scale, clip);
-  const bool vector = start % kVec<T> == 0 && aligned16(op.p) && aligned16(op.g) &&
-                      aligned16(op.sq) &&
-                      (!(HAS_CENTERED && op.centered) || aligned16(op.ga)) &&
-                      (!(HAS_MOMENTUM && op.use_momentum) || aligned16(op.buf));
+  const bool vector = start % VEC == 0 && op.out.template aligned<VEC>() &&
+                      aligned_for<VEC, G>(op.g) && aligned_for<VEC, S>(op.sq) &&
+                      (!(HAS_CENTERED && op.centered) || aligned_for<VEC, S>(op.ga)) &&
+                      (!(HAS_MOMENTUM && op.use_momentum) || aligned_for<VEC, S>(op.buf));
   const int64_t end = min(start + chunk_size, row[T_NUMEL]);
-  for_each_in_chunk<kVec<T>>(op, start, end, vector);
+  for_each_in_chunk<VEC>(op, start, end, vector);
 }
 
 // The launch arguments after the grid: the tables, GradScaler's tensors, the clip buffer.
@@ -125,41 +137,34 @@ struct MainArgs {
   const float* clip;
 };
 
-template <typename T, bool HAS_CENTERED, bool HAS_MOMENTUM>
+template <typename B, bool HAS_CENTERED, bool HAS_MOMENTUM>
 cudaError_t launch_variant(const MainArgs& a, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(a.n_chunks));
   const auto kernel = a.grad_scale != nullptr
-                          ? rmsprop_main_kernel<T, HAS_CENTERED, HAS_MOMENTUM, true>
-                          : rmsprop_main_kernel<T, HAS_CENTERED, HAS_MOMENTUM, false>;
+                          ? rmsprop_main_kernel<B, HAS_CENTERED, HAS_MOMENTUM, true>
+                          : rmsprop_main_kernel<B, HAS_CENTERED, HAS_MOMENTUM, false>;
   kernel<<<grid, kBlock, 0, stream>>>(a.tmeta, a.grads, a.scal, a.chunks, a.chunk_size,
                                       a.grad_scale, a.found_inf, a.clip);
   return cudaGetLastError();
 }
 
-template <typename T>
+template <typename B>
 cudaError_t launch_main(const MainArgs& a, bool has_centered, bool has_momentum,
                         cudaStream_t stream) {
-  const auto launch = has_centered ? (has_momentum ? launch_variant<T, true, true>
-                                                   : launch_variant<T, true, false>)
-                                   : (has_momentum ? launch_variant<T, false, true>
-                                                   : launch_variant<T, false, false>);
+  if (a.n_chunks == 0) return cudaSuccess;
+  const auto launch = has_centered ? (has_momentum ? launch_variant<B, true, true>
+                                                   : launch_variant<B, true, false>)
+                                   : (has_momentum ? launch_variant<B, false, true>
+                                                   : launch_variant<B, false, false>);
   return launch(a, stream);
 }
 
-cudaError_t rmsprop_main(const MainArgs& a, int dtype, bool has_centered, bool has_momentum,
+cudaError_t rmsprop_main(const MainArgs& a, int bucket, bool has_centered, bool has_momentum,
                          cudaStream_t stream) {
   if (!chunk_grid_fits(a.n_chunks)) return cudaErrorInvalidValue;
-  if (a.n_chunks == 0) return cudaSuccess;
-  switch (dtype) {
-    case DTYPE_FLOAT32:
-      return launch_main<float>(a, has_centered, has_momentum, stream);
-    case DTYPE_BFLOAT16:
-      return launch_main<__nv_bfloat16>(a, has_centered, has_momentum, stream);
-    case DTYPE_FLOAT16:
-      return launch_main<__half>(a, has_centered, has_momentum, stream);
-    default:
-      return cudaErrorInvalidValue;
-  }
+  return dispatch_bucket(bucket, [&](auto b) {
+    return launch_main<decltype(b)>(a, has_centered, has_momentum, stream);
+  });
 }
 
 }  // namespace
@@ -181,12 +186,12 @@ extern "C" int fusedopt_cuda_rmsprop_prologue(const int64_t* tmeta, int64_t n_te
 
 extern "C" int fusedopt_cuda_rmsprop_main(const int64_t* tmeta, const int64_t* grads,
                                           const float* scal, const int64_t* chunks,
-                                          int64_t n_chunks, int64_t chunk_size, int dtype,
+                                          int64_t n_chunks, int64_t chunk_size, int bucket,
                                           bool has_centered, bool has_momentum,
                                           const float* grad_scale, const float* found_inf,
                                           const float* clip_buf, void* stream) {
   const fusedopt::cuda::MainArgs args{tmeta,      grads,      scal,      chunks,  n_chunks,
                                       chunk_size, grad_scale, found_inf, clip_buf};
-  return fusedopt::cuda::rmsprop_main(args, dtype, has_centered, has_momentum,
+  return fusedopt::cuda::rmsprop_main(args, bucket, has_centered, has_momentum,
                                       static_cast<cudaStream_t>(stream));
 }

@@ -1,5 +1,6 @@
 // The clipping pre-pass (port of kernels/multi_tensor.py's _sumsq_main): each chunk's float32 sum
-// of squares of the (unscaled) gradient, into partials[chunk]. The prologue then adds the
+// of squares of the (unscaled) gradient, read in the bucket's grad dtype, into partials[chunk].
+// The prologue then adds the
 // partials in float64 in a fixed order and writes the clip coefficient (multi_tensor.cuh's
 // resolve_clip); the main passes multiply the gradients by it.
 //
@@ -73,9 +74,10 @@ __global__ void __launch_bounds__(kBlock)
   op.unscale = grad_scale != nullptr;
   op.scale = op.unscale ? *grad_scale : 1.0f;
   op.acc = 0.0f;
-  const bool vector = start % kVec<T> == 0 && aligned16(op.g);
+  constexpr int VEC = 16 / sizeof(T);  // one 128-bit access
+  const bool vector = start % VEC == 0 && aligned_for<VEC, T>(op.g);
   const int64_t end = min(start + chunk_size, tmeta[t * TMETA_WIDTH + T_NUMEL]);
-  for_each_in_chunk<kVec<T>>(op, start, end, vector);
+  for_each_in_chunk<VEC>(op, start, end, vector);
   const float sum = block_sum(op.acc);
   if (threadIdx.x == 0) partials[chunk] = sum;
 }
@@ -96,14 +98,14 @@ cudaError_t launch(const int64_t* tmeta, const int64_t* grads, const int64_t* ch
 
 extern "C" int fusedopt_cuda_sumsq(const int64_t* tmeta, const int64_t* grads,
                                    const int64_t* chunks, int64_t n_chunks, int64_t chunk_size,
-                                   int dtype, const float* grad_scale, const float* found_inf,
+                                   int bucket, const float* grad_scale, const float* found_inf,
                                    float* partials, void* stream) {
   using namespace fusedopt;
   using namespace fusedopt::cuda;
-  if (!chunk_grid_fits(n_chunks)) return cudaErrorInvalidValue;
+  if (!chunk_grid_fits(n_chunks) || !bucket_supported(bucket)) return cudaErrorInvalidValue;
   if (n_chunks == 0) return cudaSuccess;
   const auto s = static_cast<cudaStream_t>(stream);
-  switch (dtype) {
+  switch (bucket_grad(bucket)) {  // the grads' dtype is all this pass reads
     case DTYPE_FLOAT32:
       return launch<float>(tmeta, grads, chunks, n_chunks, chunk_size, grad_scale, found_inf,
                            partials, s);
@@ -116,4 +118,10 @@ extern "C" int fusedopt_cuda_sumsq(const int64_t* tmeta, const int64_t* grads,
     default:
       return cudaErrorInvalidValue;
   }
+}
+
+// The one list of buckets the main kernels are compiled for (multi_tensor.cuh's
+// SupportedBuckets), for the binding's up-front check.
+extern "C" int fusedopt_cuda_bucket_supported(int bucket) {
+  return fusedopt::cuda::bucket_supported(bucket) ? 1 : 0;
 }
