@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from . import backends
 from ._layout import LR_FLOAT, LR_NOAM, LR_TENSOR
@@ -91,6 +92,25 @@ def _is_dense(t):
             return False
         expected *= size
     return True
+
+
+def _local(t):
+    """The local shard of a DTensor (FSDP2's parameters, grads and state), the tensor otherwise:
+    the kernels update each rank's shard in place."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _check_disjoint(tensors, name):
+    """Parameters that share a storage must not overlap: one update would clobber another's."""
+    spans = sorted(
+        (t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), tuple(t.shape)) for t in tensors
+    )
+    for (_, end, shape), (start, _, other) in zip(spans, spans[1:]):
+        if start < end:
+            raise ValueError(
+                f"fusedopt.{name}: parameters of shapes {shape} and {other} overlap in memory; "
+                "the fused update of one would overwrite the other"
+            )
 
 
 def _scalar_on(t, device):
@@ -224,7 +244,54 @@ class FusedOptimizer(torch.optim.Optimizer):
                 group["lr"] = lr.rate(t + 1.0)
         return sd
 
+    def _check_loadable(self, state_dict):
+        """Reject a state_dict this optimizer cannot resume from, before anything changes: another
+        group layout (torch's messages), per-parameter state with missing or foreign keys (a
+        checkpoint of another optimizer) or with tensors of the wrong shape."""
+        name = type(self).__name__
+        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
+            raise ValueError(f"fusedopt.{name}: a state_dict needs 'state' and 'param_groups'")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError("loaded state dict has a different number of parameter groups")
+        owners = {}
+        for group, saved in zip(self.param_groups, saved_groups):
+            if len(group["params"]) != len(saved["params"]):
+                raise ValueError(
+                    "loaded state dict contains a parameter group that doesn't match the size "
+                    "of optimizer's group"
+                )
+            merged = {**self.defaults, **{k: v for k, v in saved.items() if k != "params"}}
+            for key, p in zip(saved["params"], group["params"]):
+                owners[key] = (p, merged)
+        allowed = {"step", "master_param", *self._state_names}
+        for key, st in state_dict["state"].items():
+            if key not in owners:
+                continue
+            p, merged = owners[key]
+            if not isinstance(st, dict):
+                raise ValueError(f"fusedopt.{name}: the state of parameter {key} is not a dict")
+            required = {"step"} | {
+                n for n, needed in zip(self._state_names, self._needed(merged)) if needed
+            }
+            missing, foreign = required - set(st), set(st) - allowed
+            if missing or foreign:
+                raise ValueError(
+                    f"fusedopt.{name}: the state of parameter {key} has keys {sorted(st)}, "
+                    f"missing {sorted(missing)}"
+                    + (f", unknown {sorted(foreign)}" if foreign else "")
+                    + f"; is it a checkpoint of another optimizer? {name} keeps "
+                    f"{sorted(required)}"
+                )
+            for n in allowed - {"step"}:
+                if n in st and tuple(st[n].shape) != tuple(p.shape):
+                    raise ValueError(
+                        f"fusedopt.{name}: state '{n}' of parameter {key} has shape "
+                        f"{tuple(st[n].shape)}, the parameter {tuple(p.shape)}"
+                    )
+
     def load_state_dict(self, state_dict):
+        self._check_loadable(state_dict)
         previous = [g["lr"] for g in self.param_groups]
         # torch.optim's checkpoints have no precision options: keep the ones this optimizer
         # was built with (a fusedopt checkpoint's own win, as for any hyperparameter)
@@ -305,7 +372,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _gather(self):
         """Validate this step's inputs and collect them by device. Raises before any change."""
         name = type(self).__name__
-        by_device = {}
+        by_device, storages = {}, {}
         for gi, group in enumerate(self.param_groups):
             self._validate(group, in_step=True)
             for p in group["params"]:
@@ -324,17 +391,24 @@ class FusedOptimizer(torch.optim.Optimizer):
                         f"fusedopt.{name}: gradient ({tuple(g.shape)}, {g.dtype}, {g.device}) does "
                         f"not match its parameter ({tuple(p.shape)}, {p.dtype}, {p.device})"
                     )
-                if not _is_dense(p):
+                lp, lg = _local(p), _local(g)
+                if not _is_dense(lp):
                     raise ValueError(
                         f"fusedopt.{name}: a parameter of shape {tuple(p.shape)} with strides "
-                        f"{p.stride()} is not dense in memory; the fused kernels update "
+                        f"{lp.stride()} is not dense in memory; the fused kernels update "
                         "parameters in place and cannot update it without a copy. Make the "
                         "parameter contiguous before building the optimizer."
                     )
-                by_device.setdefault(p.device, []).append((gi, p, g))
+                if lp.numel():
+                    storages.setdefault(lp.untyped_storage().data_ptr(), []).append(lp)
+                by_device.setdefault(lp.device, []).append((gi, p, lg))
+
             if isinstance(group["lr"], Noam):
                 # The counter advances every step, as LambdaLR does, even with no grads.
                 by_device.setdefault(self._noam_device(group), [])
+        for shared in storages.values():
+            if len(shared) > 1:
+                _check_disjoint(shared, name)
         for device in by_device:
             backends.require(self._backend_for(device), device)
         if self.max_grad_norm is not None and len(by_device) > 1:
@@ -375,17 +449,19 @@ class FusedOptimizer(torch.optim.Optimizer):
                         p, dtype=state_dtype, memory_format=torch.preserve_format
                     )
                 states.append(st[name] if needed else None)
-            target, shadow = p, None
+            lp = _local(p)
+            target, shadow = lp, None
             if group["master_weights"] and p.dtype != torch.float32:
                 if "master_param" not in st:
                     st["master_param"] = _to_param_layout(p, p, torch.float32)
-                target, shadow = st["master_param"], p
-            if g.stride() != p.stride() and p.numel() > 1:
-                copy = _to_param_layout(g, p)  # a read-only input, except for GradScaler's
+                target, shadow = _local(st["master_param"]), lp
+            if g.stride() != lp.stride() and lp.numel() > 1:
+                copy = _to_param_layout(g, lp)  # a read-only input, except for GradScaler's
                 work.grad_copies.append((g, copy))  # unscaled write-back: copied back after
                 g = copy
             stochastic = bool(group["stochastic_rounding"]) and target.dtype == torch.bfloat16
-            slots.append(Slot(gi, target, g, st["step"], tuple(states), shadow, stochastic))
+            states = tuple(None if t is None else _local(t) for t in states)
+            slots.append(Slot(gi, target, g, st["step"], states, shadow, stochastic))
         order = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
         slots.sort(key=lambda s: tuple(order.get(x, x) for x in s.bucket))
         work.slots = slots
