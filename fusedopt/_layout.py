@@ -10,6 +10,8 @@ the optimizer's own hyperparameters. Int64 ``[G, GPTR_WIDTH]``: the address of a
 the Noam counter (0 where unused).
 """
 
+from typing import NamedTuple
+
 # how a group's lr is obtained
 LR_FLOAT, LR_TENSOR, LR_NOAM = 0, 1, 2
 
@@ -66,7 +68,20 @@ CLIP_COEF, CLIP_NORM = 0, 1
 # dtype codes of the native kernels
 DTYPE_CODES = {"float32": 0, "bfloat16": 1, "float16": 2}
 
-# A bucket (see fusedopt.optimizer.Bucket) as the native kernels receive it, one int:
+
+class Bucket(NamedTuple):
+    """What one fused pass specializes on: the dtypes of the updated parameter (the fp32 master
+    when there is one), of the grads and of the state; whether a rounded copy goes back to the
+    model's parameter; whether the parameter is stored with stochastic rounding."""
+
+    param: object  # torch.dtype
+    grad: object
+    state: object
+    shadow: bool
+    stochastic: bool
+
+
+# A bucket as the native kernels receive it, one int:
 # param | grad << 2 | state << 4 | shadow << 6 | stochastic << 7 (dtype codes above).
 BUCKET_GRAD_SHIFT, BUCKET_STATE_SHIFT, BUCKET_SHADOW_BIT, BUCKET_STOCHASTIC_BIT = 2, 4, 6, 7
 

@@ -8,13 +8,12 @@ backend, which runs one fused pass per (device, dtype) bucket.
 import math
 import os
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import torch
 from torch.distributed.tensor import DTensor
 
 from . import backends
-from ._layout import LR_FLOAT, LR_NOAM, LR_TENSOR
+from ._layout import LR_FLOAT, LR_NOAM, LR_TENSOR, Bucket
 from .schedule import Noam
 
 __all__ = ["FusedOptimizer"]
@@ -42,18 +41,6 @@ class Slot:
         )
 
 
-class Bucket(NamedTuple):
-    """What one fused pass specializes on: the dtypes of the updated parameter (the fp32 master
-    when there is one), of the grads and of the state; whether a rounded copy goes back to the
-    model's parameter; whether the parameter is stored with stochastic rounding."""
-
-    param: torch.dtype
-    grad: torch.dtype
-    state: torch.dtype
-    shadow: bool
-    stochastic: bool
-
-
 @dataclass
 class GroupLR:
     """How a group's lr is obtained this step, on one device."""
@@ -70,7 +57,8 @@ class DeviceWork:
     """Everything one backend needs for one device in one step."""
 
     device: torch.device
-    slots: list = field(default_factory=list)  # sorted so that each dtype is one contiguous run
+    slots: list = field(default_factory=list)
+    backend: str = "torch"  # the backend that runs this device's buckets
     buckets: list = field(default_factory=list)  # (Bucket, first slot, end slot)
     lrs: list = field(default_factory=list)  # GroupLR per param group (every group, in order)
     hyper: list = field(default_factory=list)  # per param group: the optimizer's hyperparameters
@@ -92,6 +80,15 @@ def _is_dense(t):
             return False
         expected *= size
     return True
+
+
+def _bucket_of(p, group):
+    """The Bucket parameter ``p`` of ``group`` falls in (as Slot.bucket, before any state)."""
+    master = bool(group["master_weights"]) and p.dtype != torch.float32
+    param = torch.float32 if master else p.dtype
+    state = group["state_dtype"] or (torch.float32 if master else p.dtype)
+    stochastic = bool(group["stochastic_rounding"]) and param == torch.bfloat16
+    return Bucket(param, p.dtype, state, master, stochastic)
 
 
 def _local(t):
@@ -224,7 +221,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         for w in work.values():
             self._prepare(w)
         for w in work.values():
-            backends.get(self._backend_for(w.device)).run(self, w)
+            backends.get(w.backend).run(self, w)
             if w.amp["grad_scale"] is not None:
                 for home, copy in w.grad_copies:
                     home.copy_(copy)
@@ -366,13 +363,10 @@ class FusedOptimizer(torch.optim.Optimizer):
             )
         return devices.pop() if devices else torch.device("cpu")
 
-    def _backend_for(self, device):
-        return backends.select(self.backend, device)
-
     def _gather(self):
         """Validate this step's inputs and collect them by device. Raises before any change."""
         name = type(self).__name__
-        by_device, storages = {}, {}
+        by_device, storages, buckets = {}, {}, {}
         for gi, group in enumerate(self.param_groups):
             self._validate(group, in_step=True)
             for p in group["params"]:
@@ -402,6 +396,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 if lp.numel():
                     storages.setdefault(lp.untyped_storage().data_ptr(), []).append(lp)
                 by_device.setdefault(lp.device, []).append((gi, p, lg))
+                buckets.setdefault(lp.device, set()).add(_bucket_of(p, group))
 
             if isinstance(group["lr"], Noam):
                 # The counter advances every step, as LambdaLR does, even with no grads.
@@ -409,8 +404,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         for shared in storages.values():
             if len(shared) > 1:
                 _check_disjoint(shared, name)
+        chosen = {}
         for device in by_device:
-            backends.require(self._backend_for(device), device)
+            wanted = buckets.get(device, set())
+            chosen[device] = backends.select(self.backend, device, wanted)
+            backends.require(chosen[device], device, wanted)
         if self.max_grad_norm is not None and len(by_device) > 1:
             raise ValueError(
                 "fusedopt: max_grad_norm clips by the norm over all gradients, computed on one "
@@ -421,7 +419,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         found_inf = getattr(self, "found_inf", None)
         work = {}
         for device, items in by_device.items():
-            w = work[device] = DeviceWork(device, slots=items)
+            w = work[device] = DeviceWork(device, slots=items, backend=chosen[device])
             w.amp = {
                 "grad_scale": _scalar_on(grad_scale, device),
                 "found_inf": _scalar_on(found_inf, device),

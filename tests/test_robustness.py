@@ -192,8 +192,12 @@ def test_resume_from_checkpoint_is_exact(saved_on, resumed_on):
     _need(resumed_on)
     noam = fusedopt.Noam(32, 3)
 
+    # Clipping only on one backend: each backend sums the grad norm over its own chunk size, so
+    # the norm may differ in its last bit from one backend to another.
+    clip = 30.0 if saved_on == resumed_on else None
+
     def make(ps, backend):
-        return fusedopt.AdamW(ps, lr=noam, amsgrad=True, backend=backend, max_grad_norm=30.0)
+        return fusedopt.AdamW(ps, lr=noam, amsgrad=True, backend=backend, max_grad_norm=clip)
 
     straight = clone_params(make_params())
     opt = make(straight, saved_on)

@@ -42,18 +42,24 @@ def unavailable(name, device):
     return BACKENDS[name].unavailable(torch.device(device))
 
 
-def require(name, device):
+def require(name, device, buckets=()):
     reason = unavailable(name, device)
+    if reason is None:
+        unsupported = [b for b in buckets if not BACKENDS[name].supports(b)]
+        if unsupported:
+            reason = f"it has no kernel for {unsupported[0]} (the triton and torch backends do)"
     if reason is not None:
         raise RuntimeError(f"fusedopt: backend {name!r} cannot run on {device}: {reason}")
 
 
-def select(request, device):
-    """The backend that runs parameters on ``device`` for a ``backend=request`` optimizer."""
+def select(request, device, buckets=()):
+    """The backend that runs parameters on ``device`` for a ``backend=request`` optimizer: the
+    request itself, or for "auto" the first available one with kernels for all ``buckets``."""
     if request != "auto":
         return request
     for name in PREFERENCE.get(torch.device(device).type, _DEFAULT_PREFERENCE):
-        if unavailable(name, device) is None:
+        backend = BACKENDS[name]
+        if unavailable(name, device) is None and all(backend.supports(b) for b in buckets):
             return name
     return "torch"
 

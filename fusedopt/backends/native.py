@@ -11,6 +11,7 @@ import os
 import torch
 
 from .. import _layout as L
+from .._layout import Bucket
 from .._tables import DeviceTables
 
 _HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,6 +44,28 @@ def load(name):
     return _LOADED[name]
 
 
+def _native_buckets():
+    """The buckets csrc/ has kernels for (the CPU dispatch in csrc/cpu/, and
+    csrc/cuda/multi_tensor.cuh's SupportedBuckets): each dtype alone; fp32 parameters with bf16
+    or fp16 state; an fp32 master for bf16/fp16 parameters (fp32 or bf16 state); bf16
+    parameters with fp32 state; stochastic rounding of bf16 parameters (bf16 or fp32 state)."""
+    f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
+    buckets = [Bucket(d, d, d, False, False) for d in (f32, bf16, f16)] + [
+        Bucket(f32, f32, bf16, False, False),
+        Bucket(f32, f32, f16, False, False),
+        Bucket(f32, bf16, f32, True, False),
+        Bucket(f32, f16, f32, True, False),
+        Bucket(f32, bf16, bf16, True, False),
+        Bucket(bf16, bf16, f32, False, False),
+        Bucket(bf16, bf16, bf16, False, True),
+        Bucket(bf16, bf16, f32, False, True),
+    ]
+    return frozenset(L.bucket_code(b) for b in buckets)
+
+
+NATIVE_BUCKETS = _native_buckets()
+
+
 def _register_fakes():
     """Meta/fake kernels, so torch.compile and torch.library.opcheck can trace the ops: they
     mutate their arguments in place and return nothing."""
@@ -58,6 +81,11 @@ class NativeBackend:
     def __init__(self, name, library):
         self.name = name
         self.library = library
+
+    def supports(self, bucket):
+        """The (param, grad, state dtypes, shadow, stochastic) combinations csrc/ has kernels
+        for (csrc/cuda/multi_tensor.cuh's SupportedBuckets, the CPU dispatch likewise)."""
+        return L.bucket_code(bucket) in NATIVE_BUCKETS
 
     def unavailable(self, device):
         if device.type != self.name:

@@ -155,6 +155,9 @@ def _rmsprop(slot, index, h, lr, g, skip):
 class TorchBackend:
     name = "torch"
 
+    def supports(self, bucket):
+        return True
+
     def unavailable(self, device):
         return None
 

@@ -27,6 +27,9 @@ class TritonBackend:
             self._kernels = (adam, rmsprop, multi_tensor)
         return self._kernels
 
+    def supports(self, bucket):
+        return True
+
     def unavailable(self, device):
         err = _import_error()
         if err:
