@@ -1,0 +1,142 @@
+"""fusedopt inside torch's distributed engines: DDP and FSDP2 (gloo, 2 CPU processes), and
+torch.distributed.checkpoint (sharded save and load of the optimizer state)."""
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import fusedopt
+
+WORLD = 2
+FP32 = dict(rtol=2e-6, atol=1e-7)
+
+
+def _init(rank, init_file):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 8))
+
+
+def _batch(rank, step):
+    gen = torch.Generator().manual_seed(100 * step + rank)
+    return torch.randn(4, 16, generator=gen), torch.randn(4, 8, generator=gen)
+
+
+def _train(model, opt, rank, steps, start=0):
+    for k in range(start, start + steps):
+        x, y = _batch(rank, k)
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def _ddp_worker(rank, init_file, backend):
+    _init(rank, init_file)
+    try:
+        results = []
+        for make in (
+            lambda ps: torch.optim.AdamW(ps, lr=1e-2),
+            lambda ps: fusedopt.AdamW(ps, lr=1e-2, backend=backend),
+        ):
+            model = _model()
+            ddp = torch.nn.parallel.DistributedDataParallel(model)
+            _train(ddp, make(ddp.parameters()), rank, 4)
+            results.append([p.detach().clone() for p in model.parameters()])
+        for a, b in zip(*results):
+            torch.testing.assert_close(b, a, **FP32)
+        # and the ranks agree with each other
+        flat = torch.cat([p.reshape(-1) for p in results[1]])
+        gathered = [torch.empty_like(flat) for _ in range(WORLD)]
+        dist.all_gather(gathered, flat)
+        assert torch.equal(gathered[0], gathered[1])
+    finally:
+        dist.destroy_process_group()
+
+
+def _fsdp_worker(rank, init_file, backend, ckpt_dir):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    _init(rank, init_file)
+    try:
+
+        def sharded(make):
+            model = _model()
+            for layer in model:
+                if isinstance(layer, torch.nn.Linear):
+                    fully_shard(layer)
+            fully_shard(model)
+            return model, make(model.parameters())
+
+        def full(model):
+            return [p.full_tensor().clone() for p in model.parameters()]
+
+        ours = lambda ps: fusedopt.AdamW(ps, lr=1e-2, amsgrad=True, backend=backend)  # noqa: E731
+        ref_model, ref_opt = sharded(lambda ps: torch.optim.AdamW(ps, lr=1e-2, amsgrad=True))
+        model, opt = sharded(ours)
+        _train(ref_model, ref_opt, rank, 3)
+        _train(model, opt, rank, 3)
+        for a, b in zip(full(ref_model), full(model)):
+            torch.testing.assert_close(b, a, **FP32)
+        for p in model.parameters():  # the state keeps the parameters' sharding, as torch's does
+            assert isinstance(p, DTensor)
+            assert isinstance(opt.state[p]["exp_avg"], DTensor)
+            assert opt.state[p]["exp_avg"].placements == p.placements
+
+        # sharded checkpoint: save, load into fresh objects, continue == uninterrupted
+        dcp.save(
+            {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+            checkpoint_id=ckpt_dir,
+        )
+        _train(model, opt, rank, 2, start=3)
+        fresh_model, fresh_opt = sharded(ours)
+        _train(fresh_model, fresh_opt, rank, 1, start=100)  # some unrelated state to overwrite
+        state = {
+            "model": get_model_state_dict(fresh_model),
+            "optim": get_optimizer_state_dict(fresh_model, fresh_opt),
+        }
+        dcp.load(state, checkpoint_id=ckpt_dir)
+        set_model_state_dict(fresh_model, state["model"])
+        set_optimizer_state_dict(fresh_model, fresh_opt, state["optim"])
+        _train(fresh_model, fresh_opt, rank, 2, start=3)
+        for a, b in zip(full(model), full(fresh_model)):
+            torch.testing.assert_close(b, a, **FP32)
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(fn, *args):
+    mp.spawn(fn, args=args, nprocs=WORLD, join=True)
+
+
+def _need(backend):
+    reason = fusedopt.backends.unavailable(backend, "cpu")
+    if reason:
+        pytest.skip(reason)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_ddp_matches_torch(backend, tmp_path):
+    _need(backend)
+    _spawn(_ddp_worker, str(tmp_path / "init"), backend)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_fsdp2_matches_torch_and_checkpoints(backend, tmp_path):
+    _need(backend)
+    os.makedirs(tmp_path / "ckpt")
+    _spawn(_fsdp_worker, str(tmp_path / "init"), backend, str(tmp_path / "ckpt"))
