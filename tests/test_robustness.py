@@ -273,3 +273,36 @@ def test_random_inputs_match_torch(backend, data):
     train(ropt, ref, 3, none=none)
     train(opt, ours, 3, none=none)
     assert_same(ropt, ref, opt, ours)
+
+
+def _available_bytes():
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def test_tensor_beyond_2_31_elements_cpu():
+    """64-bit offsets on the CPU path: every element of a 2^31 + 64-element bf16 tensor gets the
+    same update (identical inputs everywhere), those past 2^31 included. Needs about 17 GiB."""
+    _need("cpu")
+    n = 2**31 + 64
+    needed = 4 * n * 2 + 2**30  # p, g, m, v in bf16, and headroom
+    if _available_bytes() < needed:
+        pytest.skip(f"needs {needed / 2**30:.0f} GiB of free memory")
+    p = torch.nn.Parameter(torch.full((n,), 0.5, dtype=torch.bfloat16))
+    p.grad = torch.full_like(p, 0.25)
+    opt = fusedopt.AdamW([p], lr=1e-2, backend="cpu")
+    opt.step()
+    opt.step()
+    head = p[:64].detach().clone()
+    assert not torch.equal(head, torch.full_like(head, 0.5))
+    for start in (2**31 - 64, 2**31, n - 64):
+        assert torch.equal(p[start : start + 64].detach(), head), start
+        assert torch.equal(
+            opt.state[p]["exp_avg_sq"][start : start + 64], opt.state[p]["exp_avg_sq"][:64]
+        )
