@@ -7,7 +7,7 @@
 #             (an unpinned torch would pull several GB of CUDA packages).
 #  - triton:  reused when importable; otherwise triton==3.9.0 is installed when torch is 2.13.0,
 #             and skipped with a note for any other torch (a CUDA torch brings its own triton).
-#  - pytest, numpy, matplotlib (the benchmark's --plot), transformers + accelerate and lightning
+#  - pytest, hypothesis, numpy, matplotlib (the benchmark's --plot), transformers + accelerate and lightning
 #             (the ecosystem tests; with torch installed they pull no other torch), and what
 #             building fusedopt needs
 #             (setuptools>=64; wheel with a setuptools older than 70.1): installed when missing.
@@ -45,7 +45,8 @@ def major_minor(v):
         return (0, 0)
 
 wheel = version("wheel")  # before setuptools, which may put its vendored copy on sys.path
-found = {name: version(name) for name in ("torch", "triton", "pytest", "numpy", "matplotlib",
+found = {name: version(name) for name in ("torch", "triton", "pytest", "hypothesis", "numpy",
+                                           "matplotlib",
                                            "transformers", "accelerate", "lightning", "setuptools")}
 st = found["setuptools"]
 if st != "MISSING" and major_minor(st) < (64, 0):
@@ -81,7 +82,8 @@ else
 fi
 
 missing=()
-for name in pytest numpy matplotlib transformers accelerate lightning setuptools wheel; do
+for name in pytest hypothesis numpy matplotlib transformers accelerate lightning setuptools \
+    wheel; do
     if [[ "$(version_of "$name")" == MISSING ]]; then
         if [[ "$name" == setuptools ]]; then missing+=("setuptools>=64"); else missing+=("$name"); fi
     elif [[ "$(version_of "$name")" == not-needed ]]; then
