@@ -7,8 +7,10 @@
 #include <torch/library.h>
 
 #include <optional>
+#include <string>
 
 #include "cpu/kernels.h"
+#include "fusedopt/layout.h"
 #include "fusedopt/step_math.h"
 
 namespace {
@@ -17,6 +19,29 @@ using at::Tensor;
 using at::TensorList;
 
 constexpr int64_t kGrainChunks = 4;  // below this many chunks a bucket runs on one thread
+
+// A bucket code (layout.h's BUCKET_*) in words, for error messages.
+std::string describe_bucket(int64_t code) {
+  auto dtype = [](int64_t c) -> std::string {
+    switch (c) {
+      case fusedopt::DTYPE_FLOAT32:
+        return "float32";
+      case fusedopt::DTYPE_BFLOAT16:
+        return "bfloat16";
+      case fusedopt::DTYPE_FLOAT16:
+        return "float16";
+      default:
+        return "unknown dtype code " + std::to_string(c);
+    }
+  };
+  std::string out = "param " + dtype(code & 3) + ", grad " +
+                    dtype((code >> fusedopt::BUCKET_GRAD_SHIFT) & 3) + ", state " +
+                    dtype((code >> fusedopt::BUCKET_STATE_SHIFT) & 3);
+  if ((code >> fusedopt::BUCKET_SHADOW_BIT) & 1) out += ", shadow";
+  if ((code >> fusedopt::BUCKET_STOCHASTIC_BIT) & 1) out += ", stochastic rounding";
+  if (code >> (fusedopt::BUCKET_STOCHASTIC_BIT + 1)) out += ", unknown bits";
+  return out + " (code " + std::to_string(code) + ")";
+}
 
 // The metadata tables of one step, checked once.
 struct Tables {
@@ -38,6 +63,16 @@ struct Tables {
                 "fusedopt: metadata tables have the wrong dtypes");
     TORCH_CHECK(bucket_offsets.size() == bucket_dtypes.size() + 1,
                 "fusedopt: bucket_offsets must have one entry more than bucket_dtypes");
+    for (int64_t code : bucket_dtypes) {
+      TORCH_CHECK(fusedopt::cpu::bucket_supported(code),
+                  "fusedopt: the CPU kernels have no variant for the bucket ",
+                  describe_bucket(code),
+                  ". (param, grad, state) combinations they have: each of float32, bfloat16, "
+                  "float16 alone; (float32, float32, bfloat16 or float16); with a shadow (an fp32 "
+                  "master): (float32, bfloat16, float32), (float32, float16, float32), "
+                  "(float32, bfloat16, bfloat16); (bfloat16, bfloat16, float32); with stochastic "
+                  "rounding: (bfloat16, bfloat16, bfloat16 or float32)");
+    }
   }
 };
 
@@ -48,13 +83,14 @@ const float* scalar_ptr(const std::optional<Tensor>& t, const char* what) {
   return t->data_ptr<float>();
 }
 
-// Runs `main(dtype, begin, end)` over each bucket's chunks, on torch's intra-op threads.
+// Runs `main(bucket, begin, end)` over each bucket's chunks, on torch's intra-op threads (bucket:
+// the bucket's code).
 template <typename Main>
 void for_each_bucket(const Tables& tb, Main main) {
   for (size_t b = 0; b < tb.bucket_dtypes.size(); ++b) {
-    int dtype = static_cast<int>(tb.bucket_dtypes[b]);
+    const int64_t bucket = tb.bucket_dtypes[b];
     at::parallel_for(tb.bucket_offsets[b], tb.bucket_offsets[b + 1], kGrainChunks,
-                     [&](int64_t begin, int64_t end) { main(dtype, begin, end); });
+                     [&](int64_t begin, int64_t end) { main(bucket, begin, end); });
   }
 }
 
@@ -74,8 +110,8 @@ void cpu_step(const Tables& tb, const std::optional<Tensor>& grad_scale,
   fusedopt::cpu::GradIn grad_in{scale, nullptr};
   if (max_norm.has_value()) {
     float* partials = tb.partials.data_ptr<float>();
-    for_each_bucket(tb, [&](int dtype, int64_t begin, int64_t end) {
-      fusedopt::cpu::sumsq_chunks(dtype, tmeta, grads, chunks, begin, end, tb.chunk_size, scale,
+    for_each_bucket(tb, [&](int64_t bucket, int64_t begin, int64_t end) {
+      fusedopt::cpu::sumsq_chunks(bucket, tmeta, grads, chunks, begin, end, tb.chunk_size, scale,
                                   partials);
     });
     double sumsq = 0.0;  // in chunk order: the result does not depend on the thread count
@@ -86,8 +122,8 @@ void cpu_step(const Tables& tb, const std::optional<Tensor>& grad_scale,
   prologue(tmeta, tb.tmeta.size(0), tb.hyper.data_ptr<double>(), tb.gptr.data_ptr<int64_t>(),
            tb.glr.data_ptr<double>(), tb.hyper.size(0), tb.scal.data_ptr<float>());
   const float* scal = tb.scal.data_ptr<float>();
-  for_each_bucket(tb, [&](int dtype, int64_t begin, int64_t end) {
-    update(dtype, tmeta, grads, scal, chunks, begin, end, tb.chunk_size, grad_in);
+  for_each_bucket(tb, [&](int64_t bucket, int64_t begin, int64_t end) {
+    update(bucket, tmeta, grads, scal, chunks, begin, end, tb.chunk_size, grad_in);
   });
 }
 
@@ -101,8 +137,8 @@ void adam_step_cpu(TensorList, TensorList, TensorList, TensorList, TensorList,
   Tables tb{tmeta, grads_meta, chunks, hyper, gptr, glr, scal, partials, clip,
             bucket_dtypes, bucket_offsets, chunk_size};
   cpu_step(tb, grad_scale, found_inf, max_norm, fusedopt::cpu::adam_prologue,
-           [&](int dtype, auto... rest) {
-             fusedopt::cpu::adam_chunks(dtype, has_amsgrad, rest...);
+           [&](int64_t bucket, auto... rest) {
+             fusedopt::cpu::adam_chunks(bucket, has_amsgrad, rest...);
            });
 }
 
@@ -117,8 +153,8 @@ void rmsprop_step_cpu(TensorList, TensorList, TensorList, TensorList, TensorList
   Tables tb{tmeta, grads_meta, chunks, hyper, gptr, glr, scal, partials, clip,
             bucket_dtypes, bucket_offsets, chunk_size};
   cpu_step(tb, grad_scale, found_inf, max_norm, fusedopt::cpu::rmsprop_prologue,
-           [&](int dtype, auto... rest) {
-             fusedopt::cpu::rmsprop_chunks(dtype, has_centered, has_momentum, rest...);
+           [&](int64_t bucket, auto... rest) {
+             fusedopt::cpu::rmsprop_chunks(bucket, has_centered, has_momentum, rest...);
            });
 }
 
@@ -126,8 +162,9 @@ void rmsprop_step_cpu(TensorList, TensorList, TensorList, TensorList, TensorList
 
 // One schema per optimizer. grad_scale / found_inf: torch.amp.GradScaler's tensors (grads are
 // unscaled in the kernel and written back; a step with found_inf != 0 changes nothing);
-// max_norm: clip by the global grad norm inside the update. `stream` is the CUDA stream (as an
-// integer) for the CUDA kernels; the CPU kernels ignore it.
+// max_norm: clip by the global grad norm inside the update. bucket_dtypes: one code per bucket
+// (layout.h's BUCKET_*: the dtypes of param, grad and state; shadow; stochastic rounding).
+// `stream` is the CUDA stream (as an integer) for the CUDA kernels; the CPU kernels ignore it.
 #define FUSEDOPT_STEP_ARGS                                                                    \
   "Tensor(a!)[] params, Tensor(b!)[] states, Tensor(c!)[] steps, Tensor(d!)[] counters, "     \
   "Tensor(e!)[] grads, Tensor tmeta, Tensor grads_meta, Tensor chunks, Tensor hyper, "        \

@@ -1,6 +1,7 @@
-// Shared pieces of fusedopt's CPU kernels (torch-free): element conversions, the step prologue's
-// group-lr loop (the scalar math is in fusedopt/step_math.h, shared with CUDA), and the target
-// list for runtime ISA dispatch.
+// Shared pieces of fusedopt's CPU kernels (torch-free): element conversions, stochastic rounding,
+// the buckets (dtype combinations) the kernels are compiled for, the step prologue's group-lr loop
+// (the scalar math is in fusedopt/step_math.h, shared with CUDA), and the target list for runtime
+// ISA dispatch.
 //
 // Rounding follows torch's CPU kernels, so that fp32 results agree to an ulp or two: an explicit
 // fmaf where torch's vectorized kernels fuse (add with alpha, addcmul, lerp) and nowhere else
@@ -10,6 +11,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "fusedopt/layout.h"
 #include "fusedopt/step_math.h"
@@ -71,6 +73,101 @@ static inline typename Storage<D>::type* addr(int64_t a) {
   return reinterpret_cast<typename Storage<D>::type*>(a);
 }
 
+// step_math.h's lerp (torch's), bit for bit, with its choice of end made once per loop: the loop
+// body then holds a select only. (step_math's form, w - 1 computed in the loop, leaves the larger
+// loops with control flow that the AVX2 clone does not vectorize.)
+struct Lerp {
+  bool from_a;
+  float w;
+  explicit Lerp(float weight) : from_a(weight < 0.5f), w(from_a ? weight : weight - 1.0f) {}
+  float operator()(float a, float b) const { return fmaf(w, b - a, from_a ? a : b); }
+};
+
+// murmur3's 32-bit finalizer: the stochastic-rounding noise (kernels/multi_tensor.py's _mix32).
+static inline uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x85EBCA6Bu;
+  x ^= x >> 13;
+  x *= 0xC2B2AE35u;
+  return x ^ (x >> 16);
+}
+
+// The per-(tensor, step) seed of stochastic rounding: t is the tensor's row in tmeta, step the
+// prologue's step (scal's seed column, a float holding an integer).
+static inline uint32_t stochastic_seed(int64_t t, float step) {
+  return mix32(mix32(static_cast<uint32_t>(t)) ^
+               static_cast<uint32_t>(static_cast<int64_t>(step)));
+}
+
+// float -> bf16 rounded up with probability equal to the dropped fraction: 16 noise bits, a hash
+// of the element's offset in the tensor and the seed, added below the kept bits (as
+// kernels/multi_tensor.py's stochastic_bf16, bit for bit). NaN converts as store_elem does.
+static inline void store_bf16_stochastic(uint16_t* p, int64_t i, float x, uint32_t seed) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, 4);
+  const uint32_t noise = mix32(static_cast<uint32_t>(i) ^ seed) & 0xFFFFu;
+  p[i] = static_cast<uint16_t>(x != x ? 0x7FC0u : (bits + noise) >> 16);
+}
+
+// A bucket (layout.h's BUCKET_*) as compile-time constants: the dtype of the parameter the update
+// reads and writes (the fp32 master when there is one), of the grads (and of the model's parameter
+// a master is rounded into: the shadow), of the three state slots; whether the shadow is written;
+// whether the (bf16) parameter is stored with stochastic rounding.
+template <int P, int G, int S, bool SHADOW = false, bool SR = false>
+struct Bucket {
+  static_assert(SHADOW ? (P == DTYPE_FLOAT32 && G != DTYPE_FLOAT32) : P == G,
+                "a shadow exactly when an fp32 master is updated for low-precision grads");
+  static_assert(!SR || (P == DTYPE_BFLOAT16 && !SHADOW), "stochastic rounding: bf16 parameters");
+  static constexpr int param = P, grad = G, state = S;
+  static constexpr bool shadow = SHADOW, stochastic = SR;
+  static constexpr int64_t code = P | G << BUCKET_GRAD_SHIFT | S << BUCKET_STATE_SHIFT |
+                                  int64_t{SHADOW} << BUCKET_SHADOW_BIT |
+                                  int64_t{SR} << BUCKET_STOCHASTIC_BIT;
+  using PT = typename Storage<P>::type;  // parameter
+  using GT = typename Storage<G>::type;  // grad and shadow
+  using ST = typename Storage<S>::type;  // state
+};
+
+// Calls f(Bucket<...>{}) for the bucket `code` encodes; false (f not called) for a bucket the CPU
+// kernels have no variant of. The same list as csrc/cuda's (fusedopt/backends/native.py's
+// NATIVE_BUCKETS): each dtype alone; fp32 parameters with bf16 or fp16 state; an fp32 master for
+// bf16/fp16 parameters (fp32 state, or bf16 for bf16); bf16 parameters with fp32 state;
+// stochastic rounding of bf16 parameters (bf16 or fp32 state).
+template <typename F>
+inline bool with_bucket(int64_t code, F&& f) {
+  constexpr int F32 = DTYPE_FLOAT32, BF16 = DTYPE_BFLOAT16, F16 = DTYPE_FLOAT16;
+  switch (code) {
+#define FUSEDOPT_BUCKET(...)      \
+  case Bucket<__VA_ARGS__>::code: \
+    f(Bucket<__VA_ARGS__>{});     \
+    return true;
+    FUSEDOPT_BUCKET(F32, F32, F32)
+    FUSEDOPT_BUCKET(BF16, BF16, BF16)
+    FUSEDOPT_BUCKET(F16, F16, F16)
+    FUSEDOPT_BUCKET(F32, F32, BF16)
+    FUSEDOPT_BUCKET(F32, F32, F16)
+    FUSEDOPT_BUCKET(F32, BF16, F32, true)
+    FUSEDOPT_BUCKET(F32, F16, F32, true)
+    FUSEDOPT_BUCKET(F32, BF16, BF16, true)
+    FUSEDOPT_BUCKET(BF16, BF16, F32)
+    FUSEDOPT_BUCKET(BF16, BF16, BF16, false, true)
+    FUSEDOPT_BUCKET(BF16, BF16, F32, false, true)
+#undef FUSEDOPT_BUCKET
+    default:
+      return false;
+  }
+}
+
+// Stores the updated parameter x (float32) at element i: stochastically rounded or rounded to
+// nearest even; with a master, also rounded to nearest even into the shadow (in the grad dtype).
+template <class K>
+static inline void store_param(typename K::PT* p, typename K::GT* shadow, int64_t i, float x,
+                               uint32_t seed) {
+  if constexpr (K::stochastic) store_bf16_stochastic(p, i, x, seed);
+  else st<K::param>(p, i, x);
+  if constexpr (K::shadow) st<K::grad>(shadow, i, x);
+}
+
 // The gradient an update uses (see GradIn): unscaled and written back when UNSCALE, then times
 // the clip coefficient (1 without clipping: exact).
 template <int D, bool UNSCALE>
@@ -94,6 +191,9 @@ static inline void resolve_group_lrs(const double* hyper, const int64_t* gptr, d
 }  // namespace fusedopt::cpu
 
 // Runtime ISA dispatch: each kernel body is compiled for these targets and the best one the CPU
-// supports is picked at load time (GCC function multi-versioning).
+// supports is picked at load time (GCC function multi-versioning). flatten: everything the body
+// calls is inlined into each clone, so that it too is compiled for the clone's ISA; without it the
+// inliner's unit-growth limit leaves some of the many per-variant loops out of line, compiled for
+// the default ISA only (no FMA: not vectorized).
 #define FUSEDOPT_CPU_TARGETS \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"), flatten))

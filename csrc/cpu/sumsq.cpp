@@ -48,10 +48,15 @@ FUSEDOPT_CPU_TARGETS void sumsq_typed(const int64_t* tmeta, const int64_t* grads
 
 }  // namespace
 
-void sumsq_chunks(int dtype, const int64_t* tmeta, const int64_t* grads, const int64_t* chunks,
+// (Here rather than in adam.cpp or rmsprop.cpp: the one list is multi_tensor.h's with_bucket.)
+bool bucket_supported(int64_t bucket) {
+  return with_bucket(bucket, [](auto) {});
+}
+
+void sumsq_chunks(int64_t bucket, const int64_t* tmeta, const int64_t* grads, const int64_t* chunks,
                   int64_t begin, int64_t end, int64_t chunk_size, const float* grad_scale,
                   float* partials) {
-  switch (dtype) {
+  switch ((bucket >> BUCKET_GRAD_SHIFT) & 3) {  // the grads' dtype
     case DTYPE_FLOAT32:
       return sumsq_typed<DTYPE_FLOAT32>(tmeta, grads, chunks, begin, end, chunk_size, grad_scale,
                                         partials);

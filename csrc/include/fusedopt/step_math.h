@@ -79,10 +79,11 @@ FUSEDOPT_HD void adam_scalars(const double* h, double lr, int64_t step, float* s
   s[adam_scal::eps] = static_cast<float>(h[adam_col::eps]);
   s[adam_scal::sign] = h[adam_col::maximize] != 0.0 ? -1.0f : 1.0f;
   s[adam_scal::amsgrad] = static_cast<float>(h[adam_col::amsgrad]);
+  s[adam_scal::seed] = static_cast<float>(step);  // stochastic rounding's seed
 }
 
-// The per-tensor scalars RMSprop's main pass reads.
-FUSEDOPT_HD void rmsprop_scalars(const double* h, double lr, float* s) {
+// The per-tensor scalars RMSprop's main pass reads (step: the tensor's step, just advanced).
+FUSEDOPT_HD void rmsprop_scalars(const double* h, double lr, int64_t step, float* s) {
   const double alpha = h[rmsprop_col::alpha];
   s[rmsprop_scal::lr] = static_cast<float>(lr);
   s[rmsprop_scal::alpha] = static_cast<float>(alpha);
@@ -92,6 +93,7 @@ FUSEDOPT_HD void rmsprop_scalars(const double* h, double lr, float* s) {
   s[rmsprop_scal::momentum] = static_cast<float>(h[rmsprop_col::momentum]);
   s[rmsprop_scal::sign] = h[rmsprop_col::maximize] != 0.0 ? -1.0f : 1.0f;
   s[rmsprop_scal::centered] = static_cast<float>(h[rmsprop_col::centered]);
+  s[rmsprop_scal::seed] = static_cast<float>(step);  // stochastic rounding's seed
 }
 
 }  // namespace fusedopt
