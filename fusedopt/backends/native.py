@@ -103,7 +103,9 @@ class NativeBackend:
             tables = opt._tables[key] = DeviceTables(work.device, columns, self.CHUNK[self.name])
         tables.update(work)
         slots = work.slots
-        params = [s.param for s in slots]
+        # every tensor the op writes: the updated parameters (fp32 masters too) and the model's
+        # parameters a master is rounded into
+        params = [s.param for s in slots] + [s.shadow for s in slots if s.shadow is not None]
         states = [t for s in slots for t in s.states if t is not None]
         steps = [s.step for s in slots]
         counters = [g.counter for g in work.lrs if g.counter is not None]
