@@ -13,7 +13,9 @@ Build with ``pip install --no-build-isolation .``: the build needs the installed
 build would download another, with several GB of CUDA packages).
 """
 
+import datetime
 import os
+import subprocess
 
 from setuptools import setup
 
@@ -38,12 +40,70 @@ def _want_cuda(torch_cuda_available, cuda_home):
     return bool(torch_cuda_available and cuda_home)
 
 
+def _default_cuda_archs(cuda_home):
+    """Without TORCH_CUDA_ARCH_LIST: the data-centre and consumer archs from sm_80 up that this
+    nvcc knows, with PTX for the newest (so later GPUs can JIT it)."""
+    wanted = ["8.0", "8.6", "8.9", "9.0", "10.0", "12.0"]
+    try:
+        out = subprocess.run(
+            [os.path.join(cuda_home, "bin", "nvcc"), "--list-gpu-arch"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout
+        known = {a.split("_")[1] for a in out.split() if a.startswith("compute_")}
+        wanted = [a for a in wanted if a.replace(".", "") in known] or wanted[:4]
+    except (OSError, subprocess.TimeoutExpired):
+        wanted = wanted[:4]
+    return ";".join(wanted[:-1] + [wanted[-1] + "+PTX"])
+
+
+def _git_commit():
+    try:
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                cwd=HERE,
+            ).stdout.strip()
+            or None
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def _write_build_info(torch, cuda_archs):
+    """fusedopt/_build_info.py: what the compiled libraries were built against, for
+    `python -m fusedopt.info` and the check that refuses a library built for another torch."""
+    info = {
+        "version": VERSION_BASE,
+        "torch": torch.__version__.split("+")[0],
+        "cuda": torch.version.cuda if cuda_archs else None,
+        "cuda_archs": cuda_archs,
+        "commit": _git_commit(),
+        "built": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+    with open(os.path.join(HERE, "fusedopt", "_build_info.py"), "w") as f:
+        f.write('"""Written by setup.py when the native libraries are built."""\n\n')
+        f.write(f"BUILD = {info!r}\n")
+    return info
+
+
+def _local_version(torch, cuda):
+    """The wheel's local version tag: the CUDA and torch it was built for (+cu130torch2.11)."""
+    torch_mm = ".".join(torch.__version__.split("+")[0].split(".")[:2])
+    if cuda:
+        return f"cu{torch.version.cuda.replace('.', '')}torch{torch_mm}"
+    return f"cpu.torch{torch_mm}"
+
+
 def extensions():
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
-    here = os.path.dirname(os.path.abspath(__file__))
-    include = [os.path.join(here, "csrc", "include")]
+    include = [os.path.join(HERE, "csrc", "include")]
     exts = [
         CppExtension(
             "fusedopt._C",
@@ -55,7 +115,14 @@ def extensions():
             extra_link_args=["-fopenmp"],
         )
     ]
-    if _want_cuda(torch.version.cuda, CUDA_HOME):
+    cuda = _want_cuda(torch.version.cuda, CUDA_HOME)
+    archs = None
+    if cuda:
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            os.environ["TORCH_CUDA_ARCH_LIST"] = _default_cuda_archs(CUDA_HOME)
+        archs = os.environ["TORCH_CUDA_ARCH_LIST"]
+    _write_build_info(torch, archs)
+    if cuda:
         exts.append(
             CUDAExtension(
                 "fusedopt._cuda",
@@ -69,14 +136,20 @@ def extensions():
                 extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS},
             )
         )
-    return exts, {"build_ext": BuildExtension.with_options(no_python_abi_suffix=True)}
+    return (
+        exts,
+        {"build_ext": BuildExtension.with_options(no_python_abi_suffix=True)},
+        _local_version(torch, cuda),
+    )
 
 
-ext_modules, cmdclass = extensions()
+VERSION_BASE = "0.1.0"
+HERE = os.path.dirname(os.path.abspath(__file__))
+ext_modules, cmdclass, local = extensions()
 
 setup(
     name="fusedopt",
-    version="0.1.0",
+    version=f"{VERSION_BASE}+{local}",
     description="Fused multi-tensor Adam, AdamW and RMSprop for PyTorch, with in-kernel Noam lr",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",

@@ -47,6 +47,13 @@ def report():
             lines.append(f"GPU {i}: {torch.cuda.get_device_name(i)} (sm_{cap[0]}{cap[1]})")
     else:
         lines.append("GPU: none visible to torch")
+    info = native.build_info()
+    if info is not None:
+        lines.append(
+            f"built: fusedopt {info['version']} against torch {info['torch']}, CUDA "
+            f"{info['cuda'] or 'none'}, archs {info['cuda_archs'] or 'none'}, commit "
+            f"{info['commit']}, {info['built']}"
+        )
     lines.append("compiled libraries:")
     for name, what in (("_C", "op schemas + CPU kernels"), ("_cuda", "CUDA kernels")):
         path = os.path.join(native._HERE, f"{name}.so")

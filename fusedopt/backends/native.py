@@ -29,6 +29,8 @@ def load(name):
                 else "pip install --no-build-isolation . builds it"
             )
             _LOADED[name] = f"fusedopt/{name}.so was not built ({why})"
+        elif (mismatch := _built_for_other_torch()) is not None:
+            _LOADED[name] = mismatch
         else:
             try:
                 if name != "_C":
@@ -64,6 +66,33 @@ def _native_buckets():
 
 
 NATIVE_BUCKETS = _native_buckets()
+
+
+def build_info():
+    """What the libraries were built against (fusedopt/_build_info.py), or None if unknown."""
+    try:
+        from .._build_info import BUILD  # noqa: PLC0415 - written by setup.py
+    except ImportError:
+        return None
+    return BUILD
+
+
+def _built_for_other_torch():
+    """Why the libraries must not be loaded into this torch (their C++ ABI is torch's own), or
+    None. Loading one built for another torch could crash; this says so and falls back."""
+    info = build_info()
+    if info is None:
+        return None
+    built, running = (
+        ".".join(v.split("+")[0].split(".")[:2]) for v in (info["torch"], torch.__version__)
+    )
+    if built != running:
+        return (
+            f"the compiled libraries were built for torch {info['torch']} (CUDA "
+            f"{info['cuda'] or 'none'}), and this is torch {torch.__version__}: install the "
+            "wheel built for this torch, or rebuild (pip install --no-build-isolation .)"
+        )
+    return None
 
 
 def _register_fakes():
