@@ -1,5 +1,5 @@
 # The README's commands (bench: the main job). `make setup` is idempotent and quick once everything is installed.
-.PHONY: setup demo test bench
+.PHONY: setup demo test bench wheel check-wheel
 
 setup:
 	bash scripts/setup_env.sh
@@ -12,3 +12,9 @@ test: setup
 
 bench: setup
 	python3 -m fusedopt.bench --quick
+
+wheel: setup
+	python3 -m pip wheel . --no-build-isolation --no-deps -w dist
+
+check-wheel: setup
+	bash scripts/check_wheel.sh

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Build the wheel, install it into a fresh virtual environment outside the source tree, and run
+# the test suite against the installed package (not the checkout). CI runs this after the tests.
+#
+#   bash scripts/check_wheel.sh
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+WORK="$(mktemp -d /tmp/fusedopt-wheel.XXXXXX)"
+trap 'rm -rf "$WORK"' EXIT
+export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
+
+echo "check_wheel: building the wheel"
+python3 -m pip wheel "$ROOT" --no-build-isolation --no-deps -q -w "$WORK/dist"
+WHEEL="$(ls "$WORK"/dist/fusedopt-*.whl)"
+echo "check_wheel: built $(basename "$WHEEL")"
+
+# The same torch (and triton) the wheel was built against, then the test dependencies.
+read -r TORCH_VERSION TRITON_VERSION < <(python3 - <<'PYEOF'
+import importlib, torch
+try:
+    triton = importlib.import_module("triton").__version__
+except Exception:
+    triton = "-"
+print(torch.__version__.split("+")[0], triton)
+PYEOF
+)
+python3 -m venv "$WORK/venv"
+PY="$WORK/venv/bin/python"
+echo "check_wheel: fresh venv with torch==$TORCH_VERSION, triton $TRITON_VERSION"
+"$PY" -m pip install -q "torch==$TORCH_VERSION"
+if [[ "$TRITON_VERSION" != "-" ]]; then "$PY" -m pip install -q "triton==$TRITON_VERSION"; fi
+"$PY" -m pip install -q pytest hypothesis numpy matplotlib transformers accelerate lightning \
+    "setuptools>=64"
+"$PY" -m pip install -q --no-deps "$WHEEL"
+
+cd "$WORK"  # not the checkout: `import fusedopt` must find the installed wheel
+"$PY" - "$WORK" <<'PYEOF'
+import sys, fusedopt
+assert fusedopt.__file__.startswith(sys.argv[1]), f"imported {fusedopt.__file__}"
+print("check_wheel: testing", fusedopt.__file__)
+PYEOF
+TRITON_INTERPRET=1 "$PY" -m pytest -q -p no:cacheprovider "$ROOT/tests"
