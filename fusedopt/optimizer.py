@@ -30,15 +30,12 @@ class Slot:
     grad: torch.Tensor
     step: torch.Tensor
     states: tuple  # three tensors (or None where the group's options do not use that slot)
+    bucket: Bucket  # the fused pass it belongs to
     shadow: torch.Tensor = None  # with a master: the model's parameter, written rounded
-    stochastic: bool = False  # bf16 parameter stored with stochastic rounding
 
     @property
-    def bucket(self):
-        state = next((t.dtype for t in self.states if t is not None), self.param.dtype)
-        return Bucket(
-            self.param.dtype, self.grad.dtype, state, self.shadow is not None, self.stochastic
-        )
+    def stochastic(self):
+        return self.bucket.stochastic
 
 
 @dataclass
@@ -82,13 +79,20 @@ def _is_dense(t):
     return True
 
 
+def _state_dtype(group, p):
+    """The dtype of ``p``'s optimizer state: the group's state_dtype, else fp32 with a master,
+    else the parameter's own (as torch.optim keeps it)."""
+    if group["state_dtype"] is not None:
+        return group["state_dtype"]
+    return torch.float32 if group["master_weights"] and p.dtype != torch.float32 else p.dtype
+
+
 def _bucket_of(p, group):
-    """The Bucket parameter ``p`` of ``group`` falls in (as Slot.bucket, before any state)."""
+    """The Bucket parameter ``p`` of ``group`` falls in."""
     master = bool(group["master_weights"]) and p.dtype != torch.float32
     param = torch.float32 if master else p.dtype
-    state = group["state_dtype"] or (torch.float32 if master else p.dtype)
     stochastic = bool(group["stochastic_rounding"]) and param == torch.bfloat16
-    return Bucket(param, p.dtype, state, master, stochastic)
+    return Bucket(param, p.dtype, _state_dtype(group, p), master, stochastic)
 
 
 def _local(t):
@@ -340,7 +344,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                     )
                 for name in self._state_names:
                     if name in st:
-                        st[name] = _to_param_layout(st[name], p, group["state_dtype"])
+                        st[name] = _to_param_layout(st[name], p, _state_dtype(group, p))
                 if "master_param" in st:
                     st["master_param"] = _to_param_layout(st["master_param"], p, torch.float32)
 
@@ -366,7 +370,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _gather(self):
         """Validate this step's inputs and collect them by device. Raises before any change."""
         name = type(self).__name__
-        by_device, storages, buckets = {}, {}, {}
+        by_device, storages, buckets, memo = {}, {}, {}, {}
         for gi, group in enumerate(self.param_groups):
             self._validate(group, in_step=True)
             for p in group["params"]:
@@ -395,8 +399,10 @@ class FusedOptimizer(torch.optim.Optimizer):
                     )
                 if lp.numel():
                     storages.setdefault(lp.untyped_storage().data_ptr(), []).append(lp)
-                by_device.setdefault(lp.device, []).append((gi, p, lg))
-                buckets.setdefault(lp.device, set()).add(_bucket_of(p, group))
+                key = (gi, p.dtype)  # a bucket depends on nothing else: one per group and dtype
+                bucket = memo.get(key) or memo.setdefault(key, _bucket_of(p, group))
+                by_device.setdefault(lp.device, []).append((gi, p, lg, bucket))
+                buckets.setdefault(lp.device, set()).add(bucket)
 
             if isinstance(group["lr"], Noam):
                 # The counter advances every step, as LambdaLR does, even with no grads.
@@ -432,24 +438,23 @@ class FusedOptimizer(torch.optim.Optimizer):
         device = work.device
         slots = []
         work.grad_copies = []
-        for gi, p, g in work.slots:
+        for gi, p, g, bucket in work.slots:
             group = self.param_groups[gi]
             st = self.state[p]
             if "step" not in st:
                 st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-            state_dtype = group["state_dtype"] or (
-                torch.float32 if group["master_weights"] else p.dtype
-            )
             states = []
             for name, needed in zip(self._state_names, self._needed(group)):
                 if needed and name not in st:
                     st[name] = torch.zeros_like(
-                        p, dtype=state_dtype, memory_format=torch.preserve_format
+                        p, dtype=bucket.state, memory_format=torch.preserve_format
                     )
+                elif needed and st[name].dtype != bucket.state:  # state_dtype changed since
+                    st[name] = _to_param_layout(st[name], p, bucket.state)
                 states.append(st[name] if needed else None)
             lp = _local(p)
             target, shadow = lp, None
-            if group["master_weights"] and p.dtype != torch.float32:
+            if bucket.shadow:
                 if "master_param" not in st:
                     st["master_param"] = _to_param_layout(p, p, torch.float32)
                 target, shadow = _local(st["master_param"]), lp
@@ -457,9 +462,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                 copy = _to_param_layout(g, lp)  # a read-only input, except for GradScaler's
                 work.grad_copies.append((g, copy))  # unscaled write-back: copied back after
                 g = copy
-            stochastic = bool(group["stochastic_rounding"]) and target.dtype == torch.bfloat16
             states = tuple(None if t is None else _local(t) for t in states)
-            slots.append(Slot(gi, target, g, st["step"], states, shadow, stochastic))
+            slots.append(Slot(gi, target, g, st["step"], states, bucket, shadow))
         order = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
         slots.sort(key=lambda s: tuple(order.get(x, x) for x in s.bucket))
         work.slots = slots
