@@ -4,6 +4,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -101,3 +102,16 @@ def test_cli_end_to_end(tmp_path):
         assert r["speedup_vs_torch_best"] == pytest.approx(best / r["ms"])
     csv_lines = next(tmp_path.glob("*.csv")).read_text().splitlines()
     assert len(csv_lines) == 1 + len(data["rows"]) and "git_commit" in csv_lines[0]
+
+
+def test_demo_runs():
+    """benchmarks/demo.py, the README's training demo: both runs train and print their curves."""
+    demo = Path(__file__).resolve().parents[1] / "benchmarks" / "demo.py"
+    out = subprocess.run(
+        [sys.executable, str(demo), "--steps", "4", "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "fusedopt AdamW" in out.stdout and "torch AdamW" in out.stdout
