@@ -7,6 +7,7 @@ backend, which runs one fused pass per (device, dtype) bucket.
 
 import math
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -188,7 +189,6 @@ class FusedOptimizer(torch.optim.Optimizer):
         group = self.param_groups[-1]
         if isinstance(group["lr"], Noam):
             self._noam_device(group)
-        self._tables.clear()
 
     def get_last_lr(self):
         """The lr each group used in its last step, for logging, without a device sync.
@@ -225,10 +225,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         for w in work.values():
             self._prepare(w)
         for w in work.values():
-            backends.get(w.backend).run(self, w)
-            if w.amp["grad_scale"] is not None:
-                for home, copy in w.grad_copies:
-                    home.copy_(copy)
+            # on the parameters' device, whichever is current: Triton and the CUDA kernels
+            # launch on the current one
+            with torch.cuda.device(w.device) if w.device.type == "cuda" else nullcontext():
+                backends.get(w.backend).run(self, w)
+                if w.amp["grad_scale"] is not None:
+                    for home, copy in w.grad_copies:
+                        home.copy_(copy)
         return loss
 
     def state_dict(self):
@@ -299,7 +302,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         precision = [{k: g[k] for k in PRECISION_DEFAULTS} for g in self.param_groups]
         saved_keys = [set(g) for g in state_dict["param_groups"]]
         super().load_state_dict(state_dict)
-        self._tables.clear()
+        # The tables stay: they are refilled in place (a CUDA graph captured before may read them)
         self._last_lr.clear()
         for group, kept, saved in zip(self.param_groups, precision, saved_keys):
             group.update({k: v for k, v in kept.items() if k not in saved})

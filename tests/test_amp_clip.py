@@ -146,3 +146,33 @@ def test_max_grad_norm_validation():
         with pytest.raises(ValueError, match="Invalid max_grad_norm"):
             fusedopt.AdamW([p], max_grad_norm=bad)
     assert fusedopt.AdamW([p], max_grad_norm=1.0).last_grad_norm is None
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("rebuild", ["grad-set", "param-group", "load-state-dict"])
+def test_skipped_step_after_rebuild_keeps_last_norm(backend, device, rebuild, require_backend):
+    """A step GradScaler skips writes no norm: ``last_grad_norm`` keeps the last one, also when
+    the metadata tables were rebuilt just before (another set of grads, a new param group, a loaded
+    checkpoint), where new clip buffers used to start from 0."""
+    require_backend(backend, device)
+    params = clone_params(make_params(device=device))
+    opt = fusedopt.AdamW(params, lr=1e-2, backend=backend, max_grad_norm=0.5)
+    for p, g in zip(params, grads(0, params)):
+        p.grad = g.to(device=device, dtype=p.dtype)
+    opt.step()
+    norm = opt.last_grad_norm
+    assert float(norm) > 0
+    if rebuild == "grad-set":
+        params[1].grad = None
+    elif rebuild == "param-group":
+        extra = torch.nn.Parameter(torch.ones(3, device=device))
+        extra.grad = torch.ones_like(extra)
+        opt.add_param_group({"params": [extra]})
+    else:
+        opt.load_state_dict(opt.state_dict())
+    opt.grad_scale = torch.ones((), device=device)
+    opt.found_inf = torch.ones((), device=device)  # GradScaler found an inf: the step is skipped
+    steps = [float(opt.state[p]["step"]) for p in params if p in opt.state]
+    opt.step()
+    assert [float(opt.state[p]["step"]) for p in params if p in opt.state] == steps
+    assert float(opt.last_grad_norm) == float(norm)

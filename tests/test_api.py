@@ -6,9 +6,10 @@ import sys
 
 import pytest
 import torch
-from parity import assert_same, clone_params, grads, make_params, set_grads, train
+from parity import assert_same, clone_params, grads, make_params, roundtrip, set_grads, train
 
 import fusedopt
+from fusedopt import _layout as L
 from fusedopt import _tables, backends
 
 BAD = {
@@ -257,11 +258,11 @@ def test_metadata_built_once_and_reused(backend, monkeypatch):
     if backends.unavailable(backend, "cpu"):
         pytest.skip(backends.unavailable(backend, "cpu"))
     builds = []
-    original = _tables.DeviceTables._build_tensor_tables
+    original = _tables.DeviceTables._tensor_rows
     monkeypatch.setattr(
         _tables.DeviceTables,
-        "_build_tensor_tables",
-        lambda self, work: builds.append(1) or original(self, work),
+        "_tensor_rows",
+        staticmethod(lambda slots: builds.append(1) or original(slots)),
     )
     params = clone_params(make_params())
     opt = fusedopt.AdamW(params, lr=1e-2, backend=backend)
@@ -279,10 +280,76 @@ def test_metadata_built_once_and_reused(backend, monkeypatch):
     assert tables.hyper is hyper, "nothing changed: the group table is reused too"
     opt.param_groups[0]["lr"] = 5e-3  # a scheduler's write: only the group table is rebuilt
     opt.step()
-    assert len(builds) == 1 and tables.hyper is not hyper
+    assert len(builds) == 1 and tables.hyper[0, 0].item() == 5e-3
     params[0].grad = None  # the parameter set changes: the tensor table is rebuilt
     opt.step()
     assert len(builds) == 2
+
+
+TABLE_BUFFERS = ("tmeta", "grads", "chunks", "hyper", "gptr", "glr", "scal", "partials", "clip")
+
+
+def _addresses(tables):
+    return {name: getattr(tables, name).data_ptr() for name in TABLE_BUFFERS}
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_tables_refilled_in_place(backend, monkeypatch):
+    """A CUDA graph replays the addresses it captured: a new lr or weight decay, grads in new
+    memory and a loaded checkpoint refill the tables where they are (the new values do reach
+    the kernels); only a new parameter layout takes new buffers."""
+    if backends.unavailable(backend, "cpu"):
+        pytest.skip(backends.unavailable(backend, "cpu"))
+    params = clone_params(make_params())
+    ref = clone_params(make_params())
+    opt = fusedopt.AdamW(params, lr=1e-2, backend=backend, max_grad_norm=1.0)
+    ropt = fusedopt.AdamW(ref, lr=1e-2, backend="torch", max_grad_norm=1.0)
+    train(opt, params, 2)
+    train(ropt, ref, 2)
+    tables = opt._tables[(backend, torch.device("cpu"))]
+    before = _addresses(tables)
+    for o in (opt, ropt):
+        o.param_groups[0]["lr"] = 3e-3
+        o.param_groups[0]["weight_decay"] = 0.2
+    train(opt, params, 1, start=2)  # train() sets grads in new memory each step
+    train(ropt, ref, 1, start=2)
+    assert _addresses(tables) == before
+    assert tables.hyper[0, 0].item() == 3e-3
+    saved = roundtrip(opt.state_dict())
+    opt.load_state_dict(saved)  # new state tensors: the tensor table gets their addresses
+    ropt.load_state_dict(roundtrip(ropt.state_dict()))
+    train(opt, params, 2, start=3)
+    train(ropt, ref, 2, start=3)
+    assert opt._tables[(backend, torch.device("cpu"))] is tables
+    assert _addresses(tables) == before
+    assert_same(ropt, ref, opt, params)
+    params[0].grad = None  # another layout: new buffers, as they must be
+    opt.step()
+    assert _addresses(tables)["tmeta"] != before["tmeta"]
+
+
+def test_captured_tables_outlive_layout_changes():
+    """Once a graph has captured the tables: buffers it may read are kept when a layout change
+    replaces them, and eager steps upload every table, since a replay rewrites them."""
+    params = clone_params(make_params())
+    opt = fusedopt.AdamW(params, lr=1e-2, backend="torch")
+    train(opt, params, 1)
+    work = opt._gather()[torch.device("cpu")]
+    opt._prepare(work)
+    tables = _tables.DeviceTables(torch.device("cpu"), L.ADAM_COLS, 64).update(work)
+    tables.captured = True  # as a capture on a CUDA device marks them
+    hyper = tables.hyper.clone()
+    tables.hyper.zero_()  # as a replay of a graph captured with other values would
+    tables.update(work)
+    assert torch.equal(tables.hyper, hyper)
+    old = {name: getattr(tables, name) for name in TABLE_BUFFERS}
+    work.slots = work.slots[1:]  # one parameter fewer
+    work.buckets = [(b, max(s - 1, 0), e - 1) for b, s, e in work.buckets]
+    tables.update(work)
+    kept = {t.data_ptr() for t in tables._kept}
+    replaced = [n for n in TABLE_BUFFERS if getattr(tables, n).data_ptr() != old[n].data_ptr()]
+    assert {"tmeta", "grads", "scal"} <= set(replaced)
+    assert all(old[n].data_ptr() in kept for n in replaced)
 
 
 def test_step_hooks_inherited():

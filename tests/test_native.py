@@ -104,11 +104,11 @@ def test_info_command():
 def test_cpu_tables_cached_across_steps(monkeypatch):
     _require_cpu_backend()
     builds = []
-    original = _tables.DeviceTables._build_tensor_tables
+    original = _tables.DeviceTables._tensor_rows
     monkeypatch.setattr(
         _tables.DeviceTables,
-        "_build_tensor_tables",
-        lambda self, work: builds.append(1) or original(self, work),
+        "_tensor_rows",
+        staticmethod(lambda slots: builds.append(1) or original(slots)),
     )
     params = clone_params(make_params())
     opt = fusedopt.RMSprop(params, backend="cpu")

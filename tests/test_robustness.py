@@ -7,6 +7,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 from parity import assert_same, clone_params, grads, make_params, roundtrip, set_grads, train
 
 import fusedopt
@@ -306,3 +307,45 @@ def test_tensor_beyond_2_31_elements_cpu():
         assert torch.equal(
             opt.state[p]["exp_avg_sq"][start : start + 64], opt.state[p]["exp_avg_sq"][:64]
         )
+
+
+class _HostTransfers(TorchDispatchMode):
+    """Records the ops that move data between host and device on a GPU: a tensor made from host
+    data (``torch.tensor``: lift_fresh, then a copy to the device) and a read of a value back
+    (``.item()``, ``float()``, ``bool()``: _local_scalar_dense). On the CPU neither syncs, but the
+    same calls in step() would sync on a GPU."""
+
+    OPS = ("aten::lift_fresh", "aten::_local_scalar_dense", "aten::is_nonzero", "aten::item")
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._schema.name in self.OPS:
+            self.seen.append(func._schema.name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        pytest.param(dict(stochastic_rounding=True), id="stochastic"),
+        pytest.param(dict(master_weights=True), id="master"),
+        pytest.param(dict(max_grad_norm=1.0), id="clip"),
+        pytest.param(dict(lr=fusedopt.Noam(16, 4)), id="noam"),
+    ],
+)
+@pytest.mark.parametrize("cls", ["AdamW", "RMSprop"])
+def test_torch_backend_step_moves_nothing_between_host_and_device(cls, kw):
+    """The torch backend's step() (the reference on devices with no kernels) neither makes
+    tensors from host data nor reads device values: either would be a sync on a GPU. Stochastic
+    rounding used to make a tensor from each parameter's index, every step."""
+    params = clone_params(make_params(dtype=torch.bfloat16))
+    opt = getattr(fusedopt, cls)(params, backend="torch", **kw)
+    for k in range(2):  # the first step creates the state; both must be transfer-free
+        set_grads(params, grads(k, params))
+        opt.grad_scale, opt.found_inf = torch.full((), 4.0), torch.zeros(())  # GradScaler's
+        with _HostTransfers() as mode:
+            opt.step()
+        assert mode.seen == [], f"step {k}: {mode.seen}"

@@ -12,7 +12,7 @@ import torch
 
 from .. import _layout as L
 from .._layout import Bucket
-from .._tables import DeviceTables
+from .._tables import tables_for
 
 _HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _LOADED = {}  # library name -> None (loaded) or the reason it is not
@@ -126,11 +126,7 @@ class NativeBackend:
     def run(self, opt, work):
         adam = opt._op == "adam"
         columns = L.ADAM_COLS if adam else L.RMSPROP_COLS
-        key = (self.name, work.device)
-        tables = opt._tables.get(key)
-        if tables is None:
-            tables = opt._tables[key] = DeviceTables(work.device, columns, self.CHUNK[self.name])
-        tables.update(work)
+        tables = tables_for(opt, self.name, work, columns, self.CHUNK[self.name])
         slots = work.slots
         # every tensor the op writes: the updated parameters (fp32 masters too) and the model's
         # parameters a master is rounded into

@@ -66,7 +66,8 @@ _U32 = 0xFFFFFFFF
 
 
 def _mix32(x):
-    """murmur3's finalizer on int64 tensors holding uint32 values (as kernels/multi_tensor.py)."""
+    """murmur3's finalizer on int64 tensors (or Python ints) holding uint32 values (as
+    kernels/multi_tensor.py)."""
     x = x ^ (x >> 16)
     x = (x * 0x85EBCA6B) & _U32
     x = x ^ (x >> 13)
@@ -79,7 +80,8 @@ def _stochastic_bf16(x, index, step):
     of (element offset in storage order, tensor index, step)."""
     flat = torch.as_strided(x, (x.numel(),), (1,), x.storage_offset())
     offs = torch.arange(flat.numel(), device=x.device, dtype=torch.int64)
-    seed = _mix32(_mix32(torch.tensor(index, device=x.device)) ^ step.to(torch.int64))
+    # the tensor index is hashed on the host: a tensor made from it would be a copy to the device
+    seed = _mix32(_mix32(index) ^ step.to(torch.int64))
     noise = _mix32((offs & _U32) ^ seed) & 0xFFFF
     bits = flat.view(torch.int32).to(torch.int64) & _U32
     top = ((bits + noise) >> 16) & 0xFFFF
@@ -169,7 +171,8 @@ class TorchBackend:
         lrs = _group_lrs(work, keep)
         steps = [s.step for s in work.slots]
         if steps:
-            torch._foreach_add_(steps, keep)
+            # a list: given one 0-d tensor, Python picks the Scalar overload and reads it (a sync)
+            torch._foreach_add_(steps, [keep] * len(steps))
         grads, norm = _grads(work, skip)
         update = _adam if opt._op == "adam" else _rmsprop
         for index, (slot, g) in enumerate(zip(work.slots, grads)):

@@ -3,7 +3,7 @@
 import importlib
 
 from .. import _layout as L
-from .._tables import DeviceTables
+from .._tables import tables_for
 
 
 def _import_error():
@@ -49,12 +49,7 @@ class TritonBackend:
         return f"no Triton support for {device.type} tensors in fusedopt"
 
     def _tables(self, opt, work, columns):
-        chunk = self._load()[2].CHUNK
-        key = (self.name, work.device)
-        tables = opt._tables.get(key)
-        if tables is None:
-            tables = opt._tables[key] = DeviceTables(work.device, columns, chunk)
-        return tables.update(work)
+        return tables_for(opt, self.name, work, columns, self._load()[2].CHUNK)
 
     def run(self, opt, work):
         adam, rmsprop, _ = self._load()
