@@ -424,6 +424,14 @@ class FusedOptimizer(torch.optim.Optimizer):
                 f"device; these parameters are on {sorted(map(str, by_device))}. Call "
                 "torch.nn.utils.clip_grad_norm_ before step() instead."
             )
+        for device, items in by_device.items():
+            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                if any("step" not in self.state.get(p, {}) for _, p, _, _ in items):
+                    raise RuntimeError(
+                        f"fusedopt.{name}: a parameter's first step creates its state and cannot "
+                        "be captured in a CUDA graph. Run one eager step before capturing (as "
+                        "torch.cuda.graphs' warm-up does)."
+                    )
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         work = {}

@@ -24,13 +24,23 @@ def backend_device_params(names=("torch", "triton", "cpu", "cuda")):
     return out
 
 
+def need_backend(name, device):
+    """Skip, with the reason, when backend ``name`` cannot run on ``device`` here. On a machine
+    with a GPU a GPU backend that is missing is a failure: the tests it would run must not pass as
+    skips. The one exception is Triton under TRITON_INTERPRET=1 (the CPU test command), which
+    cannot run on CUDA tensors: run ``pytest -m cuda`` without it."""
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    reason = backends.unavailable(name, device)
+    if reason is None:
+        return
+    message = f"backend {name!r} unavailable on {device}: {reason}"
+    interpreted = name == "triton" and "TRITON_INTERPRET" in reason
+    if torch.device(device).type == "cuda" and not interpreted:
+        pytest.fail(f"{message} (this machine has a GPU: the GPU backends must be built)")
+    pytest.skip(message)
+
+
 @pytest.fixture
 def require_backend():
-    def check(name, device):
-        if device == "cuda" and not torch.cuda.is_available():
-            pytest.skip("needs a CUDA GPU")
-        reason = backends.unavailable(name, device)
-        if reason is not None:
-            pytest.skip(f"backend {name!r} unavailable on {device}: {reason}")
-
-    return check
+    return need_backend

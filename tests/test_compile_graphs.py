@@ -2,10 +2,9 @@
 
 import pytest
 import torch
-from conftest import backend_device_params
+from conftest import backend_device_params, need_backend
 
 import fusedopt
-from fusedopt import backends
 
 
 def _model_and_data(device, seed=0):
@@ -52,46 +51,90 @@ def test_compiled_training_step(backend, device, require_backend):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
 
 
+def _graph_run(backend, lr, graphed, monkeypatch):
+    """Warm-up, then a schedule of steps, each a graph replay (or, ungraphed, the same eager step)
+    or an eager step with another float lr in between; the parameters at the end."""
+    model, data = _model_and_data("cuda")
+    opt = fusedopt.AdamW(
+        model.parameters(), lr=lr, backend=backend, capturable=True, max_grad_norm=1.0
+    )
+    loss_fn = torch.nn.functional.mse_loss
+
+    def eager_step(x, y):
+        opt.zero_grad(set_to_none=True)  # new grads, in new memory
+        loss_fn(model(x), y).backward()
+        opt.step()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: state, tables, kernels compiled
+        for x, y in data[:3]:
+            eager_step(x, y)
+    torch.cuda.current_stream().wait_stream(side)
+    static_x, static_y = data[0][0].clone(), data[0][1].clone()
+    if graphed:
+        original = torch.Tensor.pin_memory
+
+        def pin_memory(self, *args, **kwargs):
+            assert not torch.cuda.is_current_stream_capturing(), "pin_memory() during a capture"
+            return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, "pin_memory", pin_memory)
+        graph = torch.cuda.CUDAGraph()
+        opt.zero_grad(set_to_none=True)  # the captured backward allocates grads in the graph's pool
+        with torch.cuda.graph(graph):
+            loss_fn(model(static_x), static_y).backward()
+            opt.step()
+    for i, (x, y) in enumerate(data[3:]):
+        if i == 2:  # an eager step between replays, with another float lr: new tables, in place
+            if not isinstance(lr, fusedopt.Noam):
+                opt.param_groups[0]["lr"] = lr / 2
+            eager_step(x, y)
+            opt.param_groups[0]["lr"] = lr
+        elif graphed:
+            static_x.copy_(x)
+            static_y.copy_(y)
+            graph.replay()
+        else:
+            eager_step(x, y)
+    torch.cuda.synchronize()
+    if isinstance(lr, fusedopt.Noam):
+        assert float(opt.param_groups[0]["noam_step"]) == len(data)
+    return [p.detach().clone() for p in model.parameters()], opt.last_grad_norm
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("lr", [1e-2, fusedopt.Noam(16, 3)], ids=["float-lr", "noam"])
+@pytest.mark.parametrize("backend", ["cuda", "triton", "torch"])
+def test_cuda_graph_whole_step(backend, lr, monkeypatch):
+    """A whole training step (forward, backward, opt.step() with clipping) captured in a CUDA
+    graph, with grads allocated in the graph's pool during the capture (so the grad table is
+    uploaded inside it, from memory pinned before), replayed with an eager step in between that
+    changes the lr: the same parameters and last norm as running every step eagerly. Both ways the
+    replays after the eager step see the graph's own tables."""
+    need_backend(backend, "cuda")
+    (eager, eager_norm), (graphed, norm) = (
+        _graph_run(backend, lr, g, monkeypatch) for g in (False, True)
+    )
+    for a, b in zip(eager, graphed):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(norm, eager_norm, rtol=1e-6, atol=0)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", ["cuda", "triton", "torch"])
-def test_cuda_graph_whole_step(backend):
-    """A whole training step (forward, backward, opt.step() with a Noam lr, GradScaler-free)
-    captured in a CUDA graph and replayed gives the eager run's parameters."""
-    if backends.unavailable(backend, "cuda"):
-        pytest.skip(backends.unavailable(backend, "cuda"))
-    results = []
-    for graphed in (False, True):
-        model, data = _model_and_data("cuda")
-        opt = fusedopt.AdamW(
-            model.parameters(), lr=fusedopt.Noam(16, 3), backend=backend, capturable=True
-        )
-        loss_fn = torch.nn.functional.mse_loss
-        static_x, static_y = data[0][0].clone(), data[0][1].clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up: state, tables, kernels compiled
-            for x, y in data[:3]:
-                opt.zero_grad(set_to_none=True)
-                loss_fn(model(x), y).backward()
-                opt.step()
-        torch.cuda.current_stream().wait_stream(side)
-        if graphed:
-            graph = torch.cuda.CUDAGraph()
-            opt.zero_grad(set_to_none=True)
-            with torch.cuda.graph(graph):
-                loss_fn(model(static_x), static_y).backward()
-                opt.step()
-            for x, y in data[3:]:
-                static_x.copy_(x)
-                static_y.copy_(y)
-                graph.replay()
-        else:
-            for x, y in data[3:]:
-                opt.zero_grad(set_to_none=True)
-                loss_fn(model(x), y).backward()
-                opt.step()
-        torch.cuda.synchronize()
-        assert float(opt.param_groups[0]["noam_step"]) == len(data)
-        results.append([p.detach().clone() for p in model.parameters()])
-    for a, b in zip(*results):
-        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+def test_first_step_cannot_be_captured(backend):
+    """The first step of a parameter creates its state: inside a capture that is refused, with a
+    clear error, before anything changes."""
+    need_backend(backend, "cuda")
+    model, data = _model_and_data("cuda")
+    opt = fusedopt.AdamW(model.parameters(), lr=1e-2, backend=backend, capturable=True)
+    torch.nn.functional.mse_loss(model(data[0][0]), data[0][1]).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="eager step"):
+        with torch.cuda.graph(graph):
+            opt.step()
+    assert not opt.state
+    for a, b in zip(before, model.parameters()):
+        assert torch.equal(a, b)

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import need_backend
 
 import fusedopt
 
@@ -157,9 +158,7 @@ def test_fsdp2_matches_torch_and_checkpoints(backend, tmp_path):
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_fsdp2_single_gpu(backend, tmp_path):
     """FSDP2 on one GPU (world size 1, nccl): the DTensor path with CUDA kernels."""
-    reason = fusedopt.backends.unavailable(backend, "cuda")
-    if reason:
-        pytest.skip(reason)
+    need_backend(backend, "cuda")
     from torch.distributed.fsdp import fully_shard
 
     dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
