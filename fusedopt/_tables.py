@@ -137,7 +137,11 @@ class DeviceTables:
         )
         gkey = tuple(s.grad.data_ptr() for s in slots)
         hkey = tuple(self._group_row(glr, hyper) for glr, hyper in zip(work.lrs, work.hyper))
-        layout = (tuple(s.param.numel() for s in slots), tuple(work.buckets))
+        layout = (  # what the chunk list depends on; it can change only with the tensor table
+            self._layout
+            if tkey == self._tkey
+            else (tuple(s.param.numel() for s in slots), tuple(work.buckets))
+        )
         capturing = _capturing(self.device)
         every = capturing or self.captured  # see the module's docstring
         uploads = []  # (name, host tensor)
