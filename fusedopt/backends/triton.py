@@ -2,6 +2,8 @@
 
 import importlib
 
+import torch
+
 from .. import _layout as L
 from .._tables import tables_for
 
@@ -36,6 +38,8 @@ class TritonBackend:
             return err
         interpreted = self._load()[2].INTERPRETED
         if device.type == "cuda":
+            if not torch.cuda.is_available():
+                return "CUDA is not available"
             if interpreted:
                 return "TRITON_INTERPRET=1 is set: Triton would run its CPU interpreter"
             return None
