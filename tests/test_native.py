@@ -6,6 +6,9 @@ import sys
 import pytest
 import torch
 from parity import clone_params, grads, make_params, set_grads
+from test_binding_checks import step_call
+from torch._subclasses import CrossRefFakeMode
+from torch._subclasses.schema_check_mode import SchemaCheckMode
 
 import fusedopt
 from fusedopt import _tables, backends
@@ -21,46 +24,24 @@ def _require_cpu_backend():
 @pytest.mark.parametrize(
     "cls,kw", [("AdamW", dict(amsgrad=True)), ("RMSprop", dict(centered=True, momentum=0.9))]
 )
-def test_opcheck_schema_and_fake(cls, kw, monkeypatch):
-    """torch.library.opcheck: the schema declares every mutated argument, and the fake kernel
-    traces. (Its aot_dispatch check is for torch.compile support, which is later work: the kernels
-    read parameter addresses from the cached tables, not from the op's tensor arguments.)"""
+def test_opcheck_schema_and_fake(cls, kw):
+    """What torch.library.opcheck's test_schema and test_faketensor check, on the call itself:
+    the schema declares every argument the op mutates (SchemaCheckMode), and the fake kernel agrees
+    with the real one (CrossRefFakeMode). opcheck runs the op on copies of the tensors, which the
+    tables do not describe, and the op refuses such a call. (opcheck's aot_dispatch check is for
+    torch.compile support, which is later work: the kernels read parameter addresses from the
+    cached tables, not from the op's tensor arguments.)"""
     _require_cpu_backend()
     params = clone_params(make_params([(7,), (1030,)]))
-    opt = getattr(fusedopt, cls)(params, backend="cpu", **kw)
+    opt = getattr(fusedopt, cls)(params, backend="cpu", max_grad_norm=1.0, **kw)
+    opt.grad_scale, opt.found_inf = torch.tensor(1024.0), torch.tensor(0.0)
     set_grads(params, grads(0, params))
     opt.step()  # creates state and tables
-    work = opt._gather()[torch.device("cpu")]
-    opt._prepare(work)
-    tables = opt._tables[("cpu", torch.device("cpu"))].update(work)
-    slots = work.slots
-    args = (
-        [s.param for s in slots],
-        [t for s in slots for t in s.states if t is not None],
-        [s.step for s in slots],
-        [],
-        [s.grad for s in slots],
-        tables.tmeta,
-        tables.grads,
-        tables.chunks,
-        tables.hyper,
-        tables.gptr,
-        tables.glr,
-        tables.scal,
-        tables.partials,
-        tables.clip,
-        [0],
-        tables.bucket_offsets,
-        tables.chunk,
-        torch.tensor(1024.0),
-        torch.tensor(0.0),
-        1.0,  # GradScaler's scale, no inf; clipping
-    )
-    if cls == "RMSprop":
-        op, args = torch.ops.fusedopt.rmsprop_step.default, args + (True, True, 0)
-    else:
-        op, args = torch.ops.fusedopt.adam_step.default, args + (True, 0)
-    torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+    op, kwargs = step_call(opt)
+    with SchemaCheckMode():
+        op.default(**kwargs)
+    with CrossRefFakeMode(ignore_op_fn=lambda o: o.namespace != "fusedopt"):
+        op.default(**kwargs)
 
 
 def test_missing_library_falls_back(monkeypatch, tmp_path):
