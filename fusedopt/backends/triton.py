@@ -13,6 +13,11 @@ def _import_error():
         importlib.import_module("triton")
     except Exception as e:  # noqa: BLE001 - any failure to import means "not available"
         return f"triton is not importable ({type(e).__name__}: {e})"
+    try:
+        importlib.import_module("fusedopt.kernels")
+    except Exception as e:  # noqa: BLE001
+        # kernels/ becomes fusedopt.kernels only when fusedopt is installed (pip install -e .)
+        return f"fusedopt.kernels is not importable ({type(e).__name__}: {e}); install fusedopt"
     return None
 
 
