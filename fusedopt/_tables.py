@@ -248,7 +248,7 @@ def tables_for(opt, backend, work, columns, chunk):
     if tables is not None:
         return tables.update(work)
     tables = DeviceTables(work.device, columns, chunk).update(work)
-    if opt._last_grad_norm is not None and tables.clip is not None:
+    if opt._last_grad_norm is not None:
         tables.clip[L.CLIP_NORM].copy_(opt._last_grad_norm)
     opt._tables[key] = tables
     return tables
