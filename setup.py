@@ -107,7 +107,13 @@ def extensions():
     exts = [
         CppExtension(
             "fusedopt._C",
-            ["csrc/binding.cpp", "csrc/cpu/adam.cpp", "csrc/cpu/rmsprop.cpp", "csrc/cpu/sumsq.cpp"],
+            [
+                "csrc/binding.cpp",
+                "csrc/plan.cpp",
+                "csrc/cpu/adam.cpp",
+                "csrc/cpu/rmsprop.cpp",
+                "csrc/cpu/sumsq.cpp",
+            ],
             include_dirs=include,
             # at::parallel_for is a header template: without OpenMP it runs on one thread. The
             # libgomp.so.1 it links is the one torch already loaded (same soname): one runtime.

@@ -49,6 +49,7 @@ class DeviceTables:
         self._buffers = {}  # name -> the device buffer its table is a view of
         self._spares = {}  # name -> a pinned host buffer reserved for an upload during capture
         self._kept = []  # buffers a captured graph may still read or copy from
+        self._host = {}  # name -> the host tensor last uploaded into it (for re-uploads)
         self.captured = False  # a CUDA graph has captured a step over these tables
         self.tmeta = self.grads = self.chunks = self.scal = None
         self.hyper = self.gptr = self.glr = None
@@ -163,6 +164,7 @@ class DeviceTables:
             self._check_capture(uploads)
         for name, host in uploads:
             setattr(self, name, self._upload(name, host))
+            self._host[name] = host
         if tkey != self._tkey:
             self.n_tensors = len(slots)
             self.scal = self._buffer("scal", (len(slots), L.SCAL_WIDTH), torch.float32)
@@ -173,6 +175,40 @@ class DeviceTables:
         if hkey != self._hkey:
             self.glr = self._buffer("glr", (len(hkey),), torch.float64, zero=True)
         self._tkey, self._layout, self._gkey, self._hkey = tkey, layout, gkey, hkey
+        if not capturing:
+            self._reserve_spares()
+        return self
+
+    def refresh(self, work, grad_addrs):
+        """Under a cached plan (fusedopt/_plan.py), whose tensors are those of the last
+        ``update``: upload the grads' addresses ``grad_addrs`` (an int64 host tensor, or None when
+        unchanged) and, when ``work.hyper_changed``, the group rows that changed. All or nothing,
+        as ``update``."""
+        capturing = _capturing(self.device)
+        every = capturing or self.captured  # see the module's docstring
+        uploads = []
+        if every:
+            uploads += [("tmeta", self._host["tmeta"]), ("chunks", self._host["chunks"])]
+        if every or grad_addrs is not None:
+            uploads.append(("grads", self._host["grads"] if grad_addrs is None else grad_addrs))
+        hkey = self._hkey
+        if work.hyper_changed:
+            hkey = tuple(self._group_row(g, h) for g, h in zip(work.lrs, work.hyper))
+        if every or hkey != self._hkey:
+            n = len(hkey)
+            rows, ptrs = [r[0] for r in hkey], [r[1] for r in hkey]
+            uploads.append(("hyper", torch.tensor(rows, dtype=torch.float64).reshape(n, -1)))
+            uploads.append(("gptr", torch.tensor(ptrs, dtype=torch.int64).reshape(n, -1)))
+        if capturing:
+            self._check_capture(uploads)
+        for name, host in uploads:
+            if name == "grads" and host is grad_addrs:
+                host = host.clone()  # the plan rewrites its buffer at every step
+            setattr(self, name, self._upload(name, host))
+            self._host[name] = host
+        if grad_addrs is not None:
+            self._gkey = None  # an update() after this compares against nothing: it uploads
+        self._hkey = hkey
         if not capturing:
             self._reserve_spares()
         return self
@@ -245,6 +281,9 @@ def tables_for(opt, backend, work, columns, chunk):
     GradScaler skips right after (which writes no norm) still reports it."""
     key = (backend, work.device)
     tables = opt._tables.get(key)
+    if work.fast is not None:  # a cached plan: the tables are those its walk left
+        plan, index = work.fast
+        return tables.refresh(work, plan.grad_addrs(index) if plan.grads_changed(index) else None)
     if tables is not None:
         return tables.update(work)
     tables = DeviceTables(work.device, columns, chunk).update(work)

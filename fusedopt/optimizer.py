@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.distributed.tensor import DTensor
 
-from . import backends
+from . import _plan, backends
 from ._layout import LR_FLOAT, LR_NOAM, LR_TENSOR, Bucket
 from .schedule import Noam
 
@@ -33,6 +33,7 @@ class Slot:
     states: tuple  # three tensors (or None where the group's options do not use that slot)
     bucket: Bucket  # the fused pass it belongs to
     shadow: torch.Tensor = None  # with a master: the model's parameter, written rounded
+    owner: torch.Tensor = None  # the parameter as param_groups holds it (a DTensor for FSDP2)
 
     @property
     def stochastic(self):
@@ -64,6 +65,9 @@ class DeviceWork:
     amp: dict = field(
         default_factory=lambda: {"grad_scale": None, "found_inf": None, "max_norm": None}
     )
+    grad_copies: list = field(default_factory=list)  # (grad, its copy in the param's layout)
+    fast: tuple = None  # (plan, index of this work in it) when a cached plan runs the step
+    hyper_changed: bool = True  # a group's row of the tables may have changed since last step
 
 
 def _is_dense(t):
@@ -156,6 +160,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         backends.check_name(backend)
         self.backend = backend
         self._tables = {}  # per-backend cached metadata, keyed by (backend name, device)
+        self._plan = None  # the cached step plan (see _fast_step), or None
+        self._plan_stats = {"built": 0, "fast": 0, "why": None}  # for tests and benchmarks
         self._last_lr = {}  # group index -> 0-d device tensor of the lr the last step used
         super().__init__(params, defaults)
         if backend != "auto":
@@ -186,6 +192,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         if isinstance(merged["lr"], torch.Tensor) and merged["lr"].numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
         super().add_param_group(param_group)
+        self._plan = None
         group = self.param_groups[-1]
         if isinstance(group["lr"], Noam):
             self._noam_device(group)
@@ -221,9 +228,17 @@ class FusedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._plan is not None and self._fast_step():
+            return loss
+        self._plan = None
         work = self._gather()  # validates everything; changes nothing
         for w in work.values():
             self._prepare(w)
+        self._run(work)
+        self._plan = _plan.build(self, work)
+        return loss
+
+    def _run(self, work):
         for w in work.values():
             # on the parameters' device, whichever is current: Triton and the CUDA kernels
             # launch on the current one
@@ -232,7 +247,16 @@ class FusedOptimizer(torch.optim.Optimizer):
                 if w.amp["grad_scale"] is not None:
                     for home, copy in w.grad_copies:
                         home.copy_(copy)
-        return loss
+
+    def _fast_step(self):
+        """One step from the cached plan (fusedopt/_plan.py): True when it ran, False when the
+        plan no longer holds and everything must be walked again. Raises, having changed
+        nothing, on bad input (and drops the plan)."""
+        try:
+            return _plan.fast_step(self, self._plan)
+        except BaseException:
+            self._plan = None
+            raise
 
     def state_dict(self):
         sd = super().state_dict()
@@ -302,6 +326,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         precision = [{k: g[k] for k in PRECISION_DEFAULTS} for g in self.param_groups]
         saved_keys = [set(g) for g in state_dict["param_groups"]]
         super().load_state_dict(state_dict)
+        self._plan = None
         # The tables stay: they are refilled in place (a CUDA graph captured before may read them)
         self._last_lr.clear()
         for group, kept, saved in zip(self.param_groups, precision, saved_keys):
@@ -353,6 +378,8 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def __setstate__(self, state):
         super().__setstate__(state)
+        self.__dict__.setdefault("_plan_stats", {"built": 0, "fast": 0, "why": None})
+        self._plan = None
         for group in self.param_groups:
             for key, value in {**PRECISION_DEFAULTS, **self._group_key_defaults()}.items():
                 group.setdefault(key, value)
@@ -474,7 +501,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 work.grad_copies.append((g, copy))  # unscaled write-back: copied back after
                 g = copy
             states = tuple(None if t is None else _local(t) for t in states)
-            slots.append(Slot(gi, target, g, st["step"], states, bucket, shadow))
+            slots.append(Slot(gi, target, g, st["step"], states, bucket, shadow, p))
         order = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
         slots.sort(key=lambda s: tuple(order.get(x, x) for x in s.bucket))
         work.slots = slots

@@ -127,23 +127,9 @@ class NativeBackend:
         adam = opt._op == "adam"
         columns = L.ADAM_COLS if adam else L.RMSPROP_COLS
         tables = tables_for(opt, self.name, work, columns, self.CHUNK[self.name])
-        slots = work.slots
-        # every tensor the op writes: the updated parameters (fp32 masters too) and the model's
-        # parameters a master is rounded into
-        params = [s.param for s in slots] + [s.shadow for s in slots if s.shadow is not None]
-        states = [t for s in slots for t in s.states if t is not None]
-        steps = [s.step for s in slots]
-        counters = [g.counter for g in work.lrs if g.counter is not None]
-        grads = [s.grad for s in slots]
         dtypes = [L.bucket_code(b) for b, _ in tables.bucket_chunks]
-        offsets = tables.bucket_offsets
         stream = torch.cuda.current_stream(work.device).cuda_stream if self.name == "cuda" else 0
-        args = (
-            params,
-            states,
-            steps,
-            counters,
-            grads,
+        tabs = (
             tables.tmeta,
             tables.grads,
             tables.chunks,
@@ -154,19 +140,51 @@ class NativeBackend:
             tables.partials,
             tables.clip,
             dtypes,
-            offsets,
+            tables.bucket_offsets,
             tables.chunk,
             work.amp["grad_scale"],
             work.amp["found_inf"],
             work.amp["max_norm"],
         )
-        if adam:
-            has_amsgrad = any(s.states[2] is not None for s in slots)
-            torch.ops.fusedopt.adam_step(*args, has_amsgrad, stream)
+        flags = state_flags(work, adam)
+        if work.fast is not None:
+            # the plan holds the tensor lists in C++ and calls the op through the dispatcher
+            plan, index = work.fast
+            plan.run(index, opt._op, *tabs, list(flags), stream)
+        elif adam:
+            torch.ops.fusedopt.adam_step(*op_lists(work), *tabs, *flags, stream)
         else:
-            has_centered = any(s.states[2] is not None for s in slots)
-            has_momentum = any(s.states[1] is not None for s in slots)
-            torch.ops.fusedopt.rmsprop_step(*args, has_centered, has_momentum, stream)
+            torch.ops.fusedopt.rmsprop_step(*op_lists(work), *tabs, *flags, stream)
         opt._set_last_lr(work, tables.glr)
         if work.amp["max_norm"] is not None:
             opt._last_grad_norm = tables.clip[L.CLIP_NORM]
+
+
+def op_lists(work):
+    """The tensor lists of the step ops' schema (csrc/binding.cpp): every tensor the op writes
+    (the updated parameters, fp32 masters too, then the model's parameters a master is rounded
+    into; the states; the steps; the Noam counters) and the grads."""
+    slots = work.slots
+    params = [s.param for s in slots] + [s.shadow for s in slots if s.shadow is not None]
+    states = [t for s in slots for t in s.states if t is not None]
+    steps = [s.step for s in slots]
+    counters = [g.counter for g in work.lrs if g.counter is not None]
+    grads = [s.grad for s in slots]
+    return params, states, steps, counters, grads
+
+
+def state_flags(work, adam):
+    """Which optional states the step touches: (has_amsgrad,) for Adam, (has_centered,
+    has_momentum) for RMSprop. Computed once per work (the slots do not change under a plan)."""
+    flags = getattr(work, "_state_flags", None)
+    if flags is None:
+        slots = work.slots
+        if adam:
+            flags = (any(s.states[2] is not None for s in slots),)
+        else:
+            flags = (
+                any(s.states[2] is not None for s in slots),
+                any(s.states[1] is not None for s in slots),
+            )
+        work._state_flags = flags
+    return flags

@@ -6,6 +6,7 @@ import torch
 
 from .. import _layout as L
 from .._tables import tables_for
+from .native import state_flags
 
 
 def _import_error():
@@ -64,16 +65,13 @@ class TritonBackend:
         adam, rmsprop, _ = self._load()
         if opt._op == "adam":
             tables = self._tables(opt, work, L.ADAM_COLS)
-            adam.adam_step(
-                tables, work.amp, has_amsgrad=any(s.states[2] is not None for s in work.slots)
-            )
+            (has_amsgrad,) = state_flags(work, True)
+            adam.adam_step(tables, work.amp, has_amsgrad=has_amsgrad)
         else:
             tables = self._tables(opt, work, L.RMSPROP_COLS)
+            has_centered, has_momentum = state_flags(work, False)
             rmsprop.rmsprop_step(
-                tables,
-                work.amp,
-                has_centered=any(s.states[2] is not None for s in work.slots),
-                has_momentum=any(s.states[1] is not None for s in work.slots),
+                tables, work.amp, has_centered=has_centered, has_momentum=has_momentum
             )
         opt._set_last_lr(work, tables.glr)
         if work.amp["max_norm"] is not None:
