@@ -22,6 +22,8 @@ subclass other than DTensor, and grads that need a copy into their parameter's l
 planned: those steps always walk.
 """
 
+import numbers
+
 import torch
 from torch.distributed.tensor import DTensor
 
@@ -60,33 +62,36 @@ class Plan:
 def group_key(group):
     """A group's hyperparameters as the plan compares them: (everything but plain numbers, by
     value or identity; the plain numbers). Only the second part may change under a plan."""
-    fixed, numbers = [], []
+    fixed, numbers_ = [], []
     for name, value in group.items():
         if name == "params":
             continue
-        _flatten(name, value, fixed, numbers)
-    return tuple(fixed), tuple(numbers)
+        _flatten(name, value, fixed, numbers_)
+    return tuple(fixed), tuple(numbers_)
 
 
-def _flatten(name, value, fixed, numbers):
+def _flatten(name, value, fixed, numbers_):
     t = type(value)
     if t in _NUMBERS:
         fixed.append(name)
-        numbers.append(value)
+        numbers_.append(value)
     elif t is tuple or t is list:
         fixed.append((name, t, len(value)))
         for v in value:
-            _flatten(name, v, fixed, numbers)
+            _flatten(name, v, fixed, numbers_)
     elif isinstance(value, torch.Tensor):
         # by identity and address; a CPU lr tensor is also read on the host (a float lr for
         # another device), so its value is a number here
         fixed.append((name, id(value), value.data_ptr(), value.device, value.dtype, value.shape))
         if name == "lr" and value.device.type == "cpu" and value.numel() == 1:
-            numbers.append(float(value))
+            numbers_.append(float(value))
     elif isinstance(value, Noam):
         fixed.append((name, id(value), value.scale, value.warmup_coeff))
     elif value is None or t in (bool, str, torch.dtype):
         fixed.append((name, value))
+    elif isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral):
+        fixed.append(name)  # a numpy float, say: a number like any other
+        numbers_.append(float(value))
     else:
         fixed.append((name, t, id(value)))
 

@@ -11,6 +11,7 @@ whose steps all walked would prove nothing about the plan.
 import gc
 import weakref
 
+import numpy
 import pytest
 import torch
 from conftest import backend_device_params, need_backend
@@ -67,6 +68,10 @@ def _change(name, opt, params, ropt, ref, device):
                 g["betas"] = (0.8, 0.95)
                 g["eps"] = 1e-6
         return False, (params, ref)
+    if name == "lr_numpy_float":  # what some schedulers write: a number all the same
+        for o in (opt, ropt):
+            o.param_groups[0]["lr"] = numpy.float64(4e-3)
+        return False, (params, ref)
     if name == "lr_kind":  # a float lr becomes a tensor lr
         opt.param_groups[0]["lr"] = torch.tensor(4e-3, device=device)
         ropt.param_groups[0]["lr"] = torch.tensor(4e-3)
@@ -106,6 +111,7 @@ CHANGES = [
     "add_param_group",
     "params_list_appended",
     "lr_value",
+    "lr_numpy_float",
     "weight_decay_and_betas",
     "lr_kind",
     "maximize",
