@@ -11,6 +11,7 @@
 #include <string>
 
 #include "cpu/kernels.h"
+#include "cpu/step.h"
 #include "fusedopt/layout.h"
 #include "fusedopt/step_args.h"
 #include "fusedopt/step_math.h"
@@ -83,33 +84,50 @@ void cpu_step(const fusedopt::StepArgs& a, Prologue prologue, Update update) {
 
 void adam_step_cpu(FUSEDOPT_STEP_PARAMS, bool has_amsgrad, int64_t) {
   const fusedopt::StepArgs a{FUSEDOPT_STEP_PARAM_NAMES};
-  // m and v always; the AMSGrad maximum where the kernels use it (csrc/cpu/adam.cpp)
-  check_args(a, [&](const double* h) {
-    const bool ams = has_amsgrad && static_cast<float>(h[fusedopt::adam_col::amsgrad]) != 0.0f;
-    return 0b011u | (ams ? 0b100u : 0u);
-  });
-  cpu_step(a, fusedopt::cpu::adam_prologue, [&](int64_t bucket, auto... rest) {
-    fusedopt::cpu::adam_chunks(bucket, has_amsgrad, rest...);
-  });
+  check_args(a, [&](const double* h) { return fusedopt::cpu::adam_used_states(h, has_amsgrad); });
+  fusedopt::cpu::adam_run(a, has_amsgrad);
 }
 
 void rmsprop_step_cpu(FUSEDOPT_STEP_PARAMS, bool has_centered, bool has_momentum,
                       int64_t) {
   const fusedopt::StepArgs a{FUSEDOPT_STEP_PARAM_NAMES};
-  // the square average always; the momentum buffer and the grad average where the kernels use
-  // them (csrc/cpu/rmsprop.cpp)
   check_args(a, [&](const double* h) {
-    using namespace fusedopt::rmsprop_col;
-    const bool mom = has_momentum && static_cast<float>(h[momentum]) > 0.0f;
-    const bool cen = has_centered && static_cast<float>(h[centered]) != 0.0f;
-    return 0b001u | (mom ? 0b010u : 0u) | (cen ? 0b100u : 0u);
+    return fusedopt::cpu::rmsprop_used_states(h, has_centered, has_momentum);
   });
-  cpu_step(a, fusedopt::cpu::rmsprop_prologue, [&](int64_t bucket, auto... rest) {
-    fusedopt::cpu::rmsprop_chunks(bucket, has_centered, has_momentum, rest...);
-  });
+  fusedopt::cpu::rmsprop_run(a, has_centered, has_momentum);
 }
 
 }  // namespace
+
+namespace fusedopt::cpu {
+
+// m and v always; the AMSGrad maximum where the kernels use it (csrc/cpu/adam.cpp)
+unsigned adam_used_states(const double* h, bool has_amsgrad) {
+  const bool ams = has_amsgrad && static_cast<float>(h[adam_col::amsgrad]) != 0.0f;
+  return 0b011u | (ams ? 0b100u : 0u);
+}
+
+// the square average always; the momentum buffer and the grad average where the kernels use them
+// (csrc/cpu/rmsprop.cpp)
+unsigned rmsprop_used_states(const double* h, bool has_centered, bool has_momentum) {
+  const bool mom = has_momentum && static_cast<float>(h[rmsprop_col::momentum]) > 0.0f;
+  const bool cen = has_centered && static_cast<float>(h[rmsprop_col::centered]) != 0.0f;
+  return 0b001u | (mom ? 0b010u : 0u) | (cen ? 0b100u : 0u);
+}
+
+void adam_run(const StepArgs& a, bool has_amsgrad) {
+  cpu_step(a, adam_prologue, [&](int64_t bucket, auto... rest) {
+    adam_chunks(bucket, has_amsgrad, rest...);
+  });
+}
+
+void rmsprop_run(const StepArgs& a, bool has_centered, bool has_momentum) {
+  cpu_step(a, rmsprop_prologue, [&](int64_t bucket, auto... rest) {
+    rmsprop_chunks(bucket, has_centered, has_momentum, rest...);
+  });
+}
+
+}  // namespace fusedopt::cpu
 
 // One schema per optimizer. grad_scale / found_inf: torch.amp.GradScaler's tensors (grads are
 // unscaled in the kernel and written back; a step with found_inf != 0 changes nothing);

@@ -13,11 +13,20 @@
 //
 // `run()` then calls the step op through the dispatcher with the tensor lists the plan holds, so
 // the op checks its tables against them exactly as for a call from Python, without converting
-// tens of thousands of tensors from Python objects at every step.
+// tens of thousands of tensors from Python objects at every step. On the CPU, where the tables
+// are host memory, that checked call is needed only once: run() keeps a copy of what it checked
+// (the tables' contents, which tensors they were, the buckets), and while all of it is unchanged
+// and collect() has shown in the same step that every tensor the tables name is where the checked
+// call saw it, it runs the kernels without the op's per-tensor checks (they cost five times the
+// kernels at 10,000 one-element tensors). Anything else, and every CUDA call (whose tables the
+// host cannot read), goes through the op and its checks.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/extension.h>
 
+#include <cstring>
+
+#include "cpu/step.h"
 #include "fusedopt/step_args.h"  // FUSEDOPT_STEP_PARAMS: the ops' shared parameters
 
 #include <optional>
@@ -87,11 +96,44 @@ struct Watched {
   std::vector<std::pair<py::object, py::object>> entries;  // that dict's items
 };
 
+// What the op's checks saw in a checked call over CPU tables (see StepPlan::run).
+struct Verified {
+  bool valid = false;
+  std::string op;
+  std::vector<bool> flags;
+  std::vector<const c10::TensorImpl*> tables;  // the nine tables, in the op's order
+  at::Tensor tmeta, chunks, gptr;              // copies of their contents
+  std::vector<unsigned> used;                  // per group: the state slots the kernels touch
+  std::vector<int64_t> dtypes, offsets;
+  int64_t chunk_size = 0;
+};
+
 struct Work {
   std::vector<at::Tensor> params, states, steps, counters, grads;
   at::Tensor grad_addrs;  // int64 [n slots], host: the grads' addresses
   bool grads_changed = true;
+  Verified verified;
 };
+
+bool same_contents(const at::Tensor& a, const at::Tensor& b) {
+  return a.sizes() == b.sizes() && a.scalar_type() == b.scalar_type() &&
+         std::memcmp(a.const_data_ptr(), b.const_data_ptr(), a.nbytes()) == 0;
+}
+
+unsigned used_states(const std::string& op, const std::vector<bool>& flags, const double* h) {
+  return op == "adam" ? fusedopt::cpu::adam_used_states(h, flags[0])
+                      : fusedopt::cpu::rmsprop_used_states(h, flags[0], flags[1]);
+}
+
+std::vector<unsigned> used_by_group(const std::string& op, const std::vector<bool>& flags,
+                                    const at::Tensor& hyper) {
+  std::vector<unsigned> out(static_cast<size_t>(hyper.size(0)));
+  const double* h = hyper.const_data_ptr<double>();
+  for (size_t g = 0; g < out.size(); ++g) {
+    out[g] = used_states(op, flags, h + g * fusedopt::HYPER_WIDTH);
+  }
+  return out;
+}
 
 class StepPlan {
  public:
@@ -190,6 +232,7 @@ class StepPlan {
       std::string why = grad_of(w);
       if (!why.empty()) return why;
     }
+    collected_ = true;
     return "";
   }
 
@@ -197,7 +240,11 @@ class StepPlan {
   // freed when the model lets go of it (zero_grad(set_to_none=True)), not kept until next step.
   void release() {
     for (Work& w : works_) std::fill(w.grads.begin(), w.grads.end(), at::Tensor());
+    collected_ = false;
   }
+
+  // Steps run without the op's per-tensor checks (see run()): for tests and benchmarks.
+  int64_t trusted_runs() const { return trusted_runs_; }
 
   bool grads_changed(int64_t w) const { return works_.at(w).grads_changed; }
   at::Tensor grad_addrs(int64_t w) const { return works_.at(w).grad_addrs; }
@@ -217,23 +264,58 @@ class StepPlan {
            const std::optional<at::Tensor>& grad_scale,
            const std::optional<at::Tensor>& found_inf, std::optional<double> max_norm,
            std::vector<bool> flags, int64_t stream) {
-    const Work& k = works_.at(w);
+    Work& k = works_.at(w);
+    TORCH_CHECK(op == "adam" ? flags.size() == 1 : op == "rmsprop" && flags.size() == 2,
+                "fusedopt: ", op, " is not adam (one flag) or rmsprop (two flags)");
+    const at::Tensor* tables[] = {&tmeta, &grads_meta, &chunks,   &hyper, &gptr,
+                                  &glr,   &scal,       &partials, &clip};
+    if (tmeta.device().is_cpu()) {
+      const fusedopt::StepArgs a{k.params,   k.states,       k.steps,       k.counters,
+                                 k.grads,    tmeta,          grads_meta,    chunks,
+                                 hyper,      gptr,           glr,           scal,
+                                 partials,   clip,           bucket_dtypes, bucket_offsets,
+                                 chunk_size, grad_scale,     found_inf,     max_norm};
+      if (unchanged_since_checked(k, op, flags, tables, a)) {
+        // Everything the op's per-tensor checks look at is as a checked call saw it (the
+        // tables' contents and the tensors they name: collect() checked those), except the
+        // grads, whose addresses collect() took from grads it checked itself.
+        ++trusted_runs_;
+        if (op == "adam") {
+          fusedopt::cpu::adam_run(a, flags[0]);
+        } else {
+          fusedopt::cpu::rmsprop_run(a, flags[0], flags[1]);
+        }
+        return;
+      }
+    }
     const auto call = [&](auto& handle, auto... op_flags) {
       handle.call(k.params, k.states, k.steps, k.counters, k.grads, tmeta, grads_meta, chunks,
                   hyper, gptr, glr, scal, partials, clip, bucket_dtypes, bucket_offsets,
                   chunk_size, grad_scale, found_inf, max_norm, op_flags..., stream);
     };
+    k.verified.valid = false;
     if (op == "adam") {
       static auto handle = typed_op<void(FUSEDOPT_STEP_PARAMS, bool, int64_t)>("adam_step");
-      TORCH_CHECK(flags.size() == 1, "fusedopt: adam takes one flag (has_amsgrad)");
       call(handle, static_cast<bool>(flags[0]));
-    } else if (op == "rmsprop") {
+    } else {
       static auto handle =
           typed_op<void(FUSEDOPT_STEP_PARAMS, bool, bool, int64_t)>("rmsprop_step");
-      TORCH_CHECK(flags.size() == 2, "fusedopt: rmsprop takes two flags (centered, momentum)");
       call(handle, static_cast<bool>(flags[0]), static_cast<bool>(flags[1]));
-    } else {
-      TORCH_CHECK(false, "fusedopt: unknown op ", op);
+    }
+    if (tmeta.device().is_cpu() && collected_) {  // the op checked all of it: remember what
+      Verified& v = k.verified;
+      v.op = op;
+      v.flags = flags;
+      v.tables.clear();
+      for (const at::Tensor* t : tables) v.tables.push_back(t->unsafeGetTensorImpl());
+      v.tmeta = tmeta.clone();
+      v.chunks = chunks.clone();
+      v.gptr = gptr.clone();
+      v.used = used_by_group(op, flags, hyper);
+      v.dtypes = bucket_dtypes;
+      v.offsets = bucket_offsets;
+      v.chunk_size = chunk_size;
+      v.valid = true;
     }
   }
 
@@ -275,6 +357,32 @@ class StepPlan {
     return "";
   }
 
+  // True when a checked call of the op saw what this call would run on: the same table tensors
+  // with the same contents (the hyperparameter values aside, which no check reads, except for
+  // the state slots they select), the same buckets, and the grads' addresses collect() checked,
+  // collected in this step (so every tensor the tables name is where the checked call saw it).
+  bool unchanged_since_checked(const Work& k, const std::string& op,
+                               const std::vector<bool>& flags, const at::Tensor* const* tables,
+                               const fusedopt::StepArgs& a) const {
+    const Verified& v = k.verified;
+    if (!v.valid || !collected_ || v.op != op || v.flags != flags ||
+        v.chunk_size != a.chunk_size || v.dtypes != std::vector<int64_t>(a.bucket_dtypes.begin(),
+                                                                         a.bucket_dtypes.end()) ||
+        v.offsets !=
+            std::vector<int64_t>(a.bucket_offsets.begin(), a.bucket_offsets.end())) {
+      return false;
+    }
+    for (size_t i = 0; i < v.tables.size(); ++i) {
+      if (tables[i]->unsafeGetTensorImpl() != v.tables[i]) return false;
+    }
+    a.check_tables();  // shapes and dtypes (cheap: no per-tensor work), GradScaler's scalars
+    return same_contents(a.tmeta, v.tmeta) && same_contents(a.chunks, v.chunks) &&
+           same_contents(a.gptr, v.gptr) && same_contents(a.grads_meta, k.grad_addrs) &&
+           used_by_group(op, flags, a.hyper) == v.used;
+  }
+
+  bool collected_ = false;  // collect() succeeded this step (release() clears it)
+  int64_t trusted_runs_ = 0;
   py::object groups_, state_;
   std::vector<py::object> group_dicts_, group_lists_;
   std::vector<size_t> group_sizes_;
@@ -291,6 +399,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(py::init<py::list, py::dict, py::list, py::list>())
       .def("collect", &StepPlan::collect)
       .def("release", &StepPlan::release)
+      .def("trusted_runs", &StepPlan::trusted_runs)
       .def("grads_changed", &StepPlan::grads_changed)
       .def("grad_addrs", &StepPlan::grad_addrs)
       .def("grads", &StepPlan::grads)

@@ -318,3 +318,66 @@ def test_no_plan_for_tensor_subclasses():
         p.grad = torch.randn(3).as_subclass(Sub)
         opt.step()
     assert opt._plan_stats == {"built": 0, "fast": 0, "why": None}
+
+
+def _cpu_pair_after_planned_steps(steps=4, lr=1e-2):
+    opt, params, ropt, ref = _pair("cpu", "cpu")
+    opt.param_groups[0]["lr"] = lr
+    ropt.param_groups[0]["lr"] = lr
+    for k in range(steps):
+        _step(opt, params, ropt, ref, k)
+    return opt, params, ropt, ref
+
+
+def test_cpu_plan_skips_the_ops_per_tensor_checks_only_when_nothing_changed():
+    """On the CPU a plan runs the op once with all its checks, then the kernels directly while the
+    tables hold what that checked call saw (and the tensors they name are where it saw them,
+    which collect() checks): the steps are the same."""
+    opt, params, ropt, ref = _cpu_pair_after_planned_steps()
+    cpp = opt._plan.cpp
+    assert cpp.trusted_runs() == 2  # step 1 from the plan, checked; steps 2 and 3 trusted
+    for o in (opt, ropt):  # a new lr is no reason to check again: no check reads it
+        o.param_groups[0]["lr"] = 2e-3
+    for k in range(4, 6):
+        _step(opt, params, ropt, ref, k)
+    assert opt._plan.cpp is cpp and cpp.trusted_runs() == 4
+    assert_same(ropt, ref, opt, params)
+
+
+@pytest.mark.parametrize("table", ["tmeta", "chunks", "gptr", "grads"])
+def test_cpu_plan_tampered_tables_meet_the_ops_checks(table):
+    """Tables that no longer hold what the checked call saw go through the op's checks again:
+    garbage in them raises, having changed nothing, instead of being trusted."""
+    # a tensor lr: gptr holds its address, which the op checks
+    opt, params, ropt, ref = _cpu_pair_after_planned_steps(lr=torch.tensor(1e-2))
+    tables = opt._tables[("cpu", torch.device("cpu"))]
+    set_grads(params, grads(4, ref))
+    if table == "grads":
+        # what collect() writes is checked against the grads it collected: pretend the upload
+        # of a changed address went missing (and stays missing) by writing the old one back
+        cpp = opt._plan.cpp
+        collect = cpp.collect
+
+        class Stale:
+            def __getattr__(self, name):
+                return getattr(cpp, name)
+
+            def collect(self, *args):
+                why = collect(*args)
+                tables.grads[0] = 8
+                return why
+
+            def grads_changed(self, index):
+                return False
+
+        opt._plan.cpp = Stale()
+        for w in opt._plan.works:
+            w.fast = (opt._plan.cpp, w.fast[1])
+    elif table == "gptr":
+        tables.gptr[0, 0] = 0  # the tensor lr's address
+    else:
+        getattr(tables, table).view(-1)[0] = 8  # an address or index out of anything
+    snap = _snapshot(opt, params)
+    with pytest.raises(RuntimeError, match="fusedopt"):
+        opt.step()
+    _assert_unchanged(opt, params, snap)

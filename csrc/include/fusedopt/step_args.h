@@ -135,6 +135,13 @@ struct StepArgs {
   // contiguity, chunk_size, bucket_offsets, the clipping buffers, the lists' lengths and devices.
   // After it, every index the kernels derive from shapes and offsets is in bounds.
   void check_layout() const {
+    check_tables();
+    check_lists();
+  }
+
+  // check_layout without the per-tensor checks of the lists: the tables' own dtypes, shapes and
+  // devices, chunk_size, bucket_offsets, the clipping buffers and GradScaler's scalars.
+  void check_tables() const {
     using step_args_detail::describe;
     const at::Device dev = tmeta.device();
     const struct {
@@ -196,7 +203,6 @@ struct StepArgs {
       TORCH_CHECK(clip.numel() >= CLIP_NORM + 1, "fusedopt: clipping needs clip to hold ",
                   CLIP_NORM + 1, " floats (coefficient, norm); got ", clip.numel());
     }
-    check_lists();
     scalar_ptr(grad_scale, dev, "grad_scale");
     scalar_ptr(found_inf, dev, "found_inf");
   }
