@@ -23,6 +23,7 @@ planned: those steps always walk.
 """
 
 import numbers
+import operator
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -30,6 +31,12 @@ from torch.distributed.tensor import DTensor
 from . import backends
 from .backends import native
 from .schedule import Noam
+
+
+def _scalar_on(t, device):
+    from .optimizer import _scalar_on  # noqa: PLC0415 - optimizer.py imports this module
+
+    return _scalar_on(t, device)
 
 _NUMBERS = (float, int)
 
@@ -42,21 +49,41 @@ class Plan:
         self.cpp = cpp
         self.works = list(work.values())
         self.keys = [group_key(g) for g in opt.param_groups]
+        # each group's values as objects, and whether all of them are immutable: then the same
+        # objects mean the same hyperparameters, and the key need not be computed
+        self.values = [tuple(g.values()) for g in opt.param_groups]
+        self.immutable = [_all_immutable(g) for g in opt.param_groups]
         self.needed = [opt._needed(g) for g in opt.param_groups]
         self.backend = opt.backend
         self.max_norm = opt.max_grad_norm
         # groups whose lr tensor is copied to the device every step (on another device, or not
         # float32): its value may change in place, so their rows are rebuilt every step
-        self.volatile = [
+        self.volatile = {
             gi
             for gi, g in enumerate(opt.param_groups)
             if isinstance(g["lr"], torch.Tensor)
             and any(
                 g["lr"].device != w.device or g["lr"].dtype != torch.float32 for w in self.works
             )
-        ]
+        }
         for i, w in enumerate(self.works):
             w.fast = (cpp, i)
+
+
+_IMMUTABLE = (float, int, bool, str, type(None), torch.dtype)
+
+
+def _immutable(value):
+    t = type(value)
+    if t in _IMMUTABLE:
+        return True
+    if t is tuple:
+        return all(map(_immutable, value))
+    return isinstance(value, numbers.Number) and not isinstance(value, torch.Tensor)
+
+
+def _all_immutable(group):
+    return all(_immutable(v) for k, v in group.items() if k != "params")
 
 
 def group_key(group):
@@ -143,8 +170,18 @@ def fast_step(opt, plan):
         return False
     changed = []
     for gi, group in enumerate(opt.param_groups):
+        values = tuple(group.values())
+        old_values = plan.values[gi]
+        if (
+            plan.immutable[gi]
+            and len(values) == len(old_values)
+            and all(map(operator.is_, values, old_values))
+            and gi not in plan.volatile
+        ):
+            continue  # the very same immutable values: nothing to compare
         key = group_key(group)
         old = plan.keys[gi]
+        plan.values[gi], plan.immutable[gi] = values, _all_immutable(group)
         if key == old and gi not in plan.volatile:
             continue
         if key[0] != old[0]:
@@ -157,12 +194,10 @@ def fast_step(opt, plan):
         changed.append((gi, key))
     grad_scale = getattr(opt, "grad_scale", None)
     found_inf = getattr(opt, "found_inf", None)
-    from .optimizer import _scalar_on  # noqa: PLC0415 - circular at import time
-
     for w in plan.works:
         w.amp = {
-            "grad_scale": _scalar_on(grad_scale, w.device),
-            "found_inf": _scalar_on(found_inf, w.device),
+            "grad_scale": None if grad_scale is None else _scalar_on(grad_scale, w.device),
+            "found_inf": None if found_inf is None else _scalar_on(found_inf, w.device),
             "max_norm": opt.max_grad_norm,
         }
         w.hyper_changed = bool(changed)

@@ -56,6 +56,7 @@ class DeviceTables:
         self.partials = self.clip = None
         self.n_chunks = 0
         self.bucket_chunks = []  # (Bucket, chunk table view) per bucket with at least one chunk
+        self.bucket_codes = []  # their codes (_layout.bucket_code), as the native ops take them
         self.bucket_offsets = [0]
         self.n_tensors = 0
 
@@ -273,6 +274,7 @@ class DeviceTables:
             if c1 > c0:
                 self.bucket_chunks.append((bucket, self.chunks[c0:c1]))
                 self.bucket_offsets.append(c1)
+        self.bucket_codes = [L.bucket_code(b) for b, _ in self.bucket_chunks]
 
 
 def tables_for(opt, backend, work, columns, chunk):

@@ -127,7 +127,7 @@ class NativeBackend:
         adam = opt._op == "adam"
         columns = L.ADAM_COLS if adam else L.RMSPROP_COLS
         tables = tables_for(opt, self.name, work, columns, self.CHUNK[self.name])
-        dtypes = [L.bucket_code(b) for b, _ in tables.bucket_chunks]
+        dtypes = tables.bucket_codes
         stream = torch.cuda.current_stream(work.device).cuda_stream if self.name == "cuda" else 0
         tabs = (
             tables.tmeta,
@@ -150,7 +150,7 @@ class NativeBackend:
         if work.fast is not None:
             # the plan holds the tensor lists in C++ and calls the op through the dispatcher
             plan, index = work.fast
-            plan.run(index, opt._op, *tabs, list(flags), stream)
+            plan.run(index, opt._op, *tabs, flags, stream)
         elif adam:
             torch.ops.fusedopt.adam_step(*op_lists(work), *tabs, *flags, stream)
         else:
