@@ -18,6 +18,11 @@ average), compare rows of one run rather than runs.
     python3 benchmarks/host_overhead.py                       # all cases, about a minute on 2 cores
     python3 benchmarks/host_overhead.py --quick               # N <= 1,000 and groups, no FSDP2
     python3 benchmarks/host_overhead.py --cases n8-fresh,fsdp2 --torch-backend --steps 50
+    python3 benchmarks/host_overhead.py --device cuda --quick # fusedopt cuda and triton on a GPU
+
+With ``--device cuda`` the parameters and grads live on the GPU, the GPU is synchronized before
+each timed step (outside the timing), and the time is still that of the host: ``step()``
+returning, not the kernels finishing.
 """
 
 import argparse
@@ -40,11 +45,25 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PROVIDERS = {
     "fusedopt cpu": lambda ps: fusedopt.AdamW(ps, backend="cpu"),
+    "fusedopt cuda": lambda ps: fusedopt.AdamW(ps, backend="cuda"),
+    "fusedopt triton": lambda ps: fusedopt.AdamW(ps, backend="triton"),
     "fusedopt torch": lambda ps: fusedopt.AdamW(ps, backend="torch"),
     "torch fused": lambda ps: torch.optim.AdamW(ps, fused=True),
     "torch foreach": lambda ps: torch.optim.AdamW(ps, foreach=True),
 }
 BASELINE = "torch fused"
+
+
+def providers_for(device, torch_backend):
+    """The providers of a run on ``device``: fusedopt's native backend there (and Triton on a
+    GPU), fusedopt's torch backend if asked, torch fused and foreach."""
+    if device == "cuda":
+        names = ["fusedopt cuda", "fusedopt triton"]
+    else:
+        names = ["fusedopt cpu"]
+    if torch_backend:
+        names.append("fusedopt torch")
+    return names + ["torch fused", "torch foreach"]
 
 # name -> (number of one-element tensors, fresh grads, one param group per tensor)
 FLAT_CASES = {
@@ -68,7 +87,12 @@ def _label(case):
     return f"{n} groups, {grads}" if groups else f"N={n:,} {grads}"
 
 
-def time_in_turns(runners, steps, warmup):
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_in_turns(runners, steps, warmup, device="cpu"):
     """runners: name -> (prepare, step). Each round runs every provider's untimed ``prepare`` then
     its timed ``step``; returns name -> median seconds of the last ``steps`` rounds."""
     names = list(runners)
@@ -78,6 +102,7 @@ def time_in_turns(runners, steps, warmup):
         for name in names[k:] + names[:k]:
             prepare, step = runners[name]
             prepare()
+            _sync(device)  # each step starts with an idle GPU: its host time alone is timed
             t0 = time.perf_counter()
             step()
             elapsed = time.perf_counter() - t0
@@ -86,24 +111,24 @@ def time_in_turns(runners, steps, warmup):
     return {name: statistics.median(v) for name, v in times.items()}
 
 
-def flat_case(case, providers, steps, warmup):
+def flat_case(case, providers, steps, warmup, device="cpu"):
     n, fresh, groups = FLAT_CASES[case]
     runners = {}
     for name in providers:
-        params = [torch.nn.Parameter(torch.randn(1)) for _ in range(n)]
+        params = [torch.nn.Parameter(torch.randn(1, device=device)) for _ in range(n)]
         opt = PROVIDERS[name]([{"params": [p]} for p in params] if groups else params)
         if fresh:
 
             def prepare(params=params):
                 for p in params:
-                    p.grad = torch.randn(1)
+                    p.grad = torch.randn(1, device=device)
 
         else:
             for p in params:
-                p.grad = torch.randn(1)
+                p.grad = torch.randn(1, device=device)
             prepare = lambda: None
         runners[name] = (prepare, opt.step)
-    return {"tensors": n, "medians": time_in_turns(runners, steps, warmup)}
+    return {"tensors": n, "medians": time_in_turns(runners, steps, warmup, device)}
 
 
 def _fsdp_worker(rank, init_file, out_dir, providers, steps, warmup, layers, width):
@@ -192,7 +217,8 @@ def header(argv, args, providers):
         f"# commit {commit}, {now}",
         f"# torch {torch.__version__}, {torch.get_num_threads()} threads "
         f"(FSDP2: 2 ranks x 1 thread), {_cpu_name()}, {os.cpu_count()} cores, "
-        f"load average {load} (shared machine: noisy)",
+        f"load average {load} (shared machine: noisy)"
+        + (f"; parameters on {torch.cuda.get_device_name()}" if args.device == "cuda" else ""),
         f"# host time of one step(), median of {args.steps} timed steps after {args.warmup} "
         f"warm-up; providers {', '.join(providers)} take turns; ratio = provider / {BASELINE}",
         f"{'case':22s} {'tensors':>7s}  {'provider':14s} {'ms/step':>9s} {'us/tensor':>9s} "
@@ -225,6 +251,12 @@ def parse_args(argv):
     p.add_argument(
         "--torch-backend", action="store_true", help='also fusedopt.AdamW(backend="torch")'
     )
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="where the parameters live (default cpu; FSDP2 always runs on the CPU, with gloo)",
+    )
     p.add_argument("--fsdp-layers", type=int, default=150, help="Linear layers (2 tensors each)")
     p.add_argument("--fsdp-width", type=int, default=32, help="Linear layers' in/out features")
     args = p.parse_args(argv)
@@ -240,20 +272,21 @@ def parse_args(argv):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    providers = [n for n in PROVIDERS if n != "fusedopt torch" or args.torch_backend]
+    providers = providers_for(args.device, args.torch_backend)
     start = time.perf_counter()
     print(header(argv, args, providers), flush=True)
     for case in args.cases:
         if case == "fsdp2":
-            results = fsdp_case(
-                providers, args.steps, args.warmup, args.fsdp_layers, args.fsdp_width
-            )
+            cpu = providers_for("cpu", args.torch_backend)
+            results = fsdp_case(cpu, args.steps, args.warmup, args.fsdp_layers, args.fsdp_width)
             labelled = [(f"FSDP2 fresh, rank {rank}", r) for rank, r in enumerate(results)]
-        else:
-            labelled = [(_label(case), flat_case(case, providers, args.steps, args.warmup))]
-        for label, result in labelled:
-            for line in rows(label, result, providers):
-                print(line, flush=True)
+            for label, result in labelled:
+                for line in rows(label, result, cpu):
+                    print(line, flush=True)
+            continue
+        result = flat_case(case, providers, args.steps, args.warmup, args.device)
+        for line in rows(_label(case), result, providers):
+            print(line, flush=True)
     print(f"# total {time.perf_counter() - start:.1f} s", flush=True)
 
 

@@ -42,3 +42,17 @@ def test_tiny_run_prints_the_table():
         if m["provider"] == "torch fused":
             assert m["ratio"] == "1.00"
     assert re.match(r"# total \d+\.\d s$", lines[-1])
+
+
+@pytest.mark.cuda
+def test_tiny_run_on_the_gpu():
+    """--device cuda: fusedopt's cuda and triton backends against torch's, on GPU parameters."""
+    args = ["--device", "cuda", "--cases", "n8-fresh", "--steps", "3", "--warmup", "1"]
+    out = subprocess.run(
+        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    assert "parameters on " in lines[2]
+    providers = [re.search(r"(fusedopt|torch) \w+", line).group(0) for line in lines[5:-1]]
+    assert providers == ["fusedopt cuda", "fusedopt triton", "torch fused", "torch foreach"]
