@@ -125,12 +125,18 @@ unsigned used_states(const std::string& op, const std::vector<bool>& flags, cons
                       : fusedopt::cpu::rmsprop_used_states(h, flags[0], flags[1]);
 }
 
+// Per group, what of its hyperparameter row the kernels' memory accesses depend on: its lr mode
+// (which of gptr's addresses the prologue reads) and the state slots it touches.
 std::vector<unsigned> used_by_group(const std::string& op, const std::vector<bool>& flags,
                                     const at::Tensor& hyper) {
   std::vector<unsigned> out(static_cast<size_t>(hyper.size(0)));
   const double* h = hyper.const_data_ptr<double>();
   for (size_t g = 0; g < out.size(); ++g) {
-    out[g] = used_states(op, flags, h + g * fusedopt::HYPER_WIDTH);
+    const double* row = h + g * fusedopt::HYPER_WIDTH;
+    const double mode = row[fusedopt::H_MODE];
+    const unsigned mode_bits = mode == fusedopt::LR_TENSOR ? 1u : mode == fusedopt::LR_NOAM ? 2u
+                                                                                             : 0u;
+    out[g] = used_states(op, flags, row) | mode_bits << 8;
   }
   return out;
 }
@@ -358,8 +364,8 @@ class StepPlan {
   }
 
   // True when a checked call of the op saw what this call would run on: the same table tensors
-  // with the same contents (the hyperparameter values aside, which no check reads, except for
-  // the state slots they select), the same buckets, and the grads' addresses collect() checked,
+  // with the same contents (the hyperparameter values aside, except for each group's lr mode and
+  // the state slots its options select, which decide what the kernels read), the same buckets, and the grads' addresses collect() checked,
   // collected in this step (so every tensor the tables name is where the checked call saw it).
   bool unchanged_since_checked(const Work& k, const std::string& op,
                                const std::vector<bool>& flags, const at::Tensor* const* tables,

@@ -18,6 +18,7 @@ from conftest import backend_device_params, need_backend
 from parity import assert_same, clone_params, grads, make_params, roundtrip, set_grads
 
 import fusedopt
+from fusedopt import _layout as L
 
 SHAPES = [(1,), (7,), (3, 5)]
 
@@ -344,7 +345,7 @@ def test_cpu_plan_skips_the_ops_per_tensor_checks_only_when_nothing_changed():
     assert_same(ropt, ref, opt, params)
 
 
-@pytest.mark.parametrize("table", ["tmeta", "chunks", "gptr", "grads"])
+@pytest.mark.parametrize("table", ["tmeta", "chunks", "gptr", "grads", "lr_mode"])
 def test_cpu_plan_tampered_tables_meet_the_ops_checks(table):
     """Tables that no longer hold what the checked call saw go through the op's checks again:
     garbage in them raises, having changed nothing, instead of being trusted."""
@@ -375,6 +376,8 @@ def test_cpu_plan_tampered_tables_meet_the_ops_checks(table):
             w.fast = (opt._plan.cpp, w.fast[1])
     elif table == "gptr":
         tables.gptr[0, 0] = 0  # the tensor lr's address
+    elif table == "lr_mode":  # a Noam lr, whose counter address gptr does not have
+        tables.hyper[0, L.H_MODE] = L.LR_NOAM
     else:
         getattr(tables, table).view(-1)[0] = 8  # an address or index out of anything
     snap = _snapshot(opt, params)
