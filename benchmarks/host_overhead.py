@@ -65,6 +65,7 @@ def providers_for(device, torch_backend):
         names.append("fusedopt torch")
     return names + ["torch fused", "torch foreach"]
 
+
 # name -> (number of one-element tensors, fresh grads, one param group per tensor)
 FLAT_CASES = {
     "n8-same": (8, False, False),

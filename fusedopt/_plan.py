@@ -38,6 +38,7 @@ def _scalar_on(t, device):
 
     return _scalar_on(t, device)
 
+
 _NUMBERS = (float, int)
 
 
