@@ -117,3 +117,20 @@ def max_err(tensors, reference, norm="max"):
     if norm == "max":
         return diff.abs().max().item()
     return diff.pow(2).mean().sqrt().item()
+
+
+def snapshot(opt, params):
+    """Parameters and every state tensor, copied: what a rejected step must leave as it was."""
+    return (
+        [p.detach().clone() for p in params],
+        {i: {k: v.clone() for k, v in opt.state[p].items()} for i, p in enumerate(params)},
+    )
+
+
+def assert_unchanged(opt, params, snap):
+    for p, q in zip(params, snap[0]):
+        assert torch.equal(p.detach(), q)
+    for i, p in enumerate(params):
+        assert set(opt.state[p]) == set(snap[1][i])
+        for k, v in snap[1][i].items():
+            assert torch.equal(opt.state[p][k], v), k

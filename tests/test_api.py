@@ -6,7 +6,17 @@ import sys
 
 import pytest
 import torch
-from parity import assert_same, clone_params, grads, make_params, roundtrip, set_grads, train
+from parity import (
+    assert_same,
+    assert_unchanged,
+    clone_params,
+    grads,
+    make_params,
+    roundtrip,
+    set_grads,
+    snapshot,
+    train,
+)
 
 import fusedopt
 from fusedopt import _layout as L
@@ -62,22 +72,6 @@ def test_bad_param_group_rejected_before_any_change():
     assert opt.param_groups == before
 
 
-def _snapshot(opt, params):
-    return (
-        [p.detach().clone() for p in params],
-        {i: {k: v.clone() for k, v in opt.state[p].items()} for i, p in enumerate(params)},
-    )
-
-
-def _assert_unchanged(opt, params, snap):
-    for p, q in zip(params, snap[0]):
-        assert torch.equal(p.detach(), q)
-    for i, p in enumerate(params):
-        assert set(opt.state[p]) == set(snap[1][i])
-        for k, v in snap[1][i].items():
-            assert torch.equal(opt.state[p][k], v), k
-
-
 @pytest.mark.parametrize(
     "backend", ["torch", "cpu", pytest.param("triton", marks=pytest.mark.triton)]
 )
@@ -91,7 +85,7 @@ def test_bad_step_input_changes_nothing(backend, breakage):
     opt = fusedopt.Adam(params, lr=1e-2, amsgrad=True, backend=backend)
     train(opt, params, 2)
     set_grads(params, grads(9, params))
-    snap = _snapshot(opt, params)
+    snap = snapshot(opt, params)
     if breakage == "group_lr":
         opt.param_groups[0]["lr"] = -1.0
         error = ValueError
@@ -111,7 +105,7 @@ def test_bad_step_input_changes_nothing(backend, breakage):
         error = TypeError
     with pytest.raises(error):
         opt.step()
-    _assert_unchanged(opt, params, snap)
+    assert_unchanged(opt, params, snap)
 
 
 def test_differentiable_and_fused_foreach_rejected():

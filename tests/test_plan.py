@@ -15,7 +15,16 @@ import numpy
 import pytest
 import torch
 from conftest import backend_device_params, need_backend
-from parity import assert_same, clone_params, grads, make_params, roundtrip, set_grads
+from parity import (
+    assert_same,
+    assert_unchanged,
+    clone_params,
+    grads,
+    make_params,
+    roundtrip,
+    set_grads,
+    snapshot,
+)
 
 import fusedopt
 from fusedopt import _layout as L
@@ -235,21 +244,6 @@ def test_tensor_lr_changed_in_place_keeps_the_plan(backend, device):
     assert_same(ropt, ref, opt, params)
 
 
-def _snapshot(opt, params):
-    return (
-        [p.detach().clone() for p in params],
-        {i: {k: v.clone() for k, v in opt.state[p].items()} for i, p in enumerate(params)},
-    )
-
-
-def _assert_unchanged(opt, params, snap):
-    for p, before in zip(params, snap[0]):
-        assert torch.equal(p.detach(), before)
-    for i, p in enumerate(params):
-        for k, v in snap[1][i].items():
-            assert torch.equal(opt.state[p][k], v), (i, k)
-
-
 @pytest.mark.parametrize("backend,device", backend_device_params())
 @pytest.mark.parametrize("bad", ["lr", "grad_shape", "grad_dtype", "sparse_grad"])
 def test_bad_input_after_planned_steps_changes_nothing(backend, device, bad):
@@ -261,7 +255,7 @@ def test_bad_input_after_planned_steps_changes_nothing(backend, device, bad):
         _step(opt, params, ropt, ref, k)
     assert opt._plan_stats["fast"] == 2
     set_grads(params, grads(3, ref))
-    snap = _snapshot(opt, params)
+    snap = snapshot(opt, params)
     good = params[1].grad
     if bad == "lr":
         opt.param_groups[0]["lr"] = -1.0
@@ -279,7 +273,7 @@ def test_bad_input_after_planned_steps_changes_nothing(backend, device, bad):
         match = "sparse"
     with pytest.raises((ValueError, RuntimeError, TypeError), match=match):
         opt.step()
-    _assert_unchanged(opt, params, snap)
+    assert_unchanged(opt, params, snap)
     opt.param_groups[0]["lr"] = 1e-2
     params[1].grad = good
     set_grads(ref, grads(3, ref))
@@ -380,7 +374,7 @@ def test_cpu_plan_tampered_tables_meet_the_ops_checks(table):
         tables.hyper[0, L.H_MODE] = L.LR_NOAM
     else:
         getattr(tables, table).view(-1)[0] = 8  # an address or index out of anything
-    snap = _snapshot(opt, params)
+    snap = snapshot(opt, params)
     with pytest.raises(RuntimeError, match="fusedopt"):
         opt.step()
-    _assert_unchanged(opt, params, snap)
+    assert_unchanged(opt, params, snap)
