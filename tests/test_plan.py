@@ -378,3 +378,60 @@ def test_cpu_plan_tampered_tables_meet_the_ops_checks(table):
     with pytest.raises(RuntimeError, match="fusedopt"):
         opt.step()
     assert_unchanged(opt, params, snap)
+
+
+MANY = 4200  # above csrc/plan.cpp's kGrainChecks (4096): collect() splits its checks over threads
+
+
+def _many_pair(backend, device):
+    init = make_params([(1,)] * (MANY - 2) + [(3,), (2, 2)], seed=3)
+    params = clone_params([t.to(device) for t in init])
+    ref = clone_params(init)
+    opt = fusedopt.AdamW(params, lr=1e-2, backend=backend)
+    ropt = torch.optim.AdamW(ref, lr=1e-2, foreach=True)
+    return opt, params, ropt, ref
+
+
+# the checks are the same C++ for every backend: the native ones (fastest to run) stand for all
+@pytest.mark.parametrize("backend,device", backend_device_params(("cpu", "cuda")))
+@pytest.mark.parametrize(
+    "change,why",
+    [
+        # one change near the end, one near the start, then both: the first in the order of the
+        # checks (held tensors, then each parameter's state dict and grad) is the reason given,
+        # whichever thread found it
+        ("late_grad_lost", "a parameter lost its grad"),
+        ("early_state_entry+late_grad_lost", "a parameter's state changed"),
+        ("early_grad_lost+late_param_moved", "a parameter or state tensor moved"),
+    ],
+)
+def test_many_tensors_threaded_checks(backend, device, change, why):
+    """With thousands of tensors collect() checks them on several threads: fresh grads keep the
+    plan, and a change anywhere (found by either thread) still drops it, with the reason a serial
+    pass would give; the steps match torch.optim throughout."""
+    need_backend(backend, device)
+    opt, params, ropt, ref = _many_pair(backend, device)
+    stats = opt._plan_stats
+    for k in range(3):
+        _step(opt, params, ropt, ref, k)
+    assert (stats["built"], stats["fast"]) == (1, 2), stats
+    late, early = MANY - 3, 2
+    none = None
+    for part in change.split("+"):
+        if part.endswith("grad_lost"):
+            lost = late if part.startswith("late") else early
+            none = (lambda i: lambda k, j: j == i)(lost)
+        elif part.endswith("state_entry"):
+            i = late if part.startswith("late") else early
+            for o, ps in ((opt, params), (ropt, ref)):
+                o.state[ps[i]]["exp_avg"] = o.state[ps[i]]["exp_avg"].clone()
+        elif part == "late_param_moved":
+            for ps in (params, ref):
+                ps[late].data = ps[late].data.clone()
+    _step(opt, params, ropt, ref, 3, none=none)
+    assert stats["why"] == why
+    assert (stats["built"], stats["fast"]) == (2, 2), stats
+    for k in range(4, 6):
+        _step(opt, params, ropt, ref, k, none=none)
+    assert (stats["built"], stats["fast"]) == (2, 4), stats
+    assert_same(ropt, ref, opt, params)
