@@ -7,6 +7,7 @@
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <optional>
 #include <string>
 
@@ -18,7 +19,26 @@
 
 namespace {
 
-constexpr int64_t kGrainChunks = 4;  // below this many chunks a bucket runs on one thread
+// A bucket's chunks are split over torch's intra-op threads only when there is enough work:
+// handing chunks to another thread costs some microseconds, the time of tens of thousands of
+// element updates, and a chunk may hold a single element (465 one-element tensors in 465 groups
+// ran slower on two threads than on one). Work: elements, plus kChunkCost per chunk (its
+// addresses and scalars).
+constexpr int64_t kChunkCost = 64, kThreadWork = int64_t{1} << 16;
+constexpr int64_t kGrainChunks = 4;  // and never fewer chunks than this per thread
+
+int64_t grain_chunks(const fusedopt::StepArgs& a, int64_t begin, int64_t end) {
+  const int64_t n = end - begin;
+  if (n * kChunkCost >= kThreadWork) return kGrainChunks;  // enough whatever the chunks hold
+  const int64_t* tmeta = a.tmeta.data_ptr<int64_t>();
+  const int64_t* chunks = a.chunks.data_ptr<int64_t>();
+  int64_t work = n * kChunkCost;
+  for (int64_t c = begin; c < end; ++c) {
+    const int64_t numel = tmeta[chunks[2 * c] * fusedopt::TMETA_WIDTH + fusedopt::T_NUMEL];
+    work += std::min(a.chunk_size, numel - chunks[2 * c + 1]);
+  }
+  return work >= kThreadWork ? kGrainChunks : n;  // n: one thread
+}
 
 // The CPU-specific half of a call's checks (the rest: fusedopt/step_args.h): the tables are host
 // memory, so their contents are checked too; every bucket has a kernel variant.
@@ -46,8 +66,9 @@ template <typename Main>
 void for_each_bucket(const fusedopt::StepArgs& a, Main main) {
   for (size_t b = 0; b < a.bucket_dtypes.size(); ++b) {
     const int64_t bucket = a.bucket_dtypes[b];
-    at::parallel_for(a.bucket_offsets[b], a.bucket_offsets[b + 1], kGrainChunks,
-                     [&](int64_t begin, int64_t end) { main(bucket, begin, end); });
+    const int64_t begin = a.bucket_offsets[b], end = a.bucket_offsets[b + 1];
+    at::parallel_for(begin, end, grain_chunks(a, begin, end),
+                     [&](int64_t b0, int64_t e0) { main(bucket, b0, e0); });
   }
 }
 

@@ -117,7 +117,7 @@ struct Verified {
 struct Work {
   std::vector<at::Tensor> params, states, steps, counters, grads;
   at::Tensor grad_addrs;  // int64 [n slots], host: the grads' addresses
-  bool grads_changed = true;
+  bool grads_changed = true;  // see StepPlan::grads_changed
   Verified verified;
 };
 
@@ -258,8 +258,7 @@ class StepPlan {
       if (p.fail < first->fail) first = &p;
     }
     if (first->why != nullptr) return first->why;
-    for (size_t wi = 0; wi < works_.size(); ++wi) {
-      works_[wi].grads_changed = false;
+    for (size_t wi = 0; wi < works_.size(); ++wi) {  // (cleared when grad_addrs() hands them out)
       for (const Partial& p : partial) works_[wi].grads_changed |= p.changed[wi] != 0;
     }
     for (Watched& w : watched_) {  // DTensor parameters: their grads are read through Python
@@ -281,8 +280,13 @@ class StepPlan {
   // Steps run without the op's per-tensor checks (see run()): for tests and benchmarks.
   int64_t trusted_runs() const { return trusted_runs_; }
 
+  // Whether work w's grad addresses differ from those grad_addrs() last handed out (for the
+  // tables): collected grads in new memory, even if a step in between collected and never ran.
   bool grads_changed(int64_t w) const { return works_.at(w).grads_changed; }
-  at::Tensor grad_addrs(int64_t w) const { return works_.at(w).grad_addrs; }
+  at::Tensor grad_addrs(int64_t w) {
+    works_.at(w).grads_changed = false;
+    return works_.at(w).grad_addrs;
+  }
 
   py::list grads(int64_t w) const {
     py::list out;

@@ -208,9 +208,11 @@ class DeviceTables:
                 # clone(): an 80 kB malloc right after the model freed last step's grads makes
                 # glibc consolidate every freed chunk (about 2 ms at 10,000 fresh grads). A host
                 # table is that copy already; pinned memory comes from torch's caching allocator.
-                host = self._buffer(name, host.shape, host.dtype).copy_(host) if (
-                    self.device.type != "cuda"
-                ) else host.pin_memory()
+                host = (
+                    self._buffer(name, host.shape, host.dtype).copy_(host)
+                    if (self.device.type != "cuda")
+                    else host.pin_memory()
+                )
             setattr(self, name, self._upload(name, host))
             self._host[name] = host
         if grad_addrs is not None:

@@ -435,3 +435,24 @@ def test_many_tensors_threaded_checks(backend, device, change, why):
         _step(opt, params, ropt, ref, k, none=none)
     assert (stats["built"], stats["fast"]) == (2, 4), stats
     assert_same(ropt, ref, opt, params)
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params())
+def test_grads_collected_by_a_step_that_never_ran(backend, device):
+    """collect() of new grads whose step then never ran (a step may stop after collect(); today
+    such a step also drops the plan, but the plan must not rely on that): the next collect() of
+    the same grads still reports their addresses as new to the tables."""
+    need_backend(backend, device)
+    opt, params, ropt, ref = _pair(backend, device)
+    for k in range(3):
+        _step(opt, params, ropt, ref, k)
+    gs = grads(3, ref)
+    set_grads(params, gs)
+    set_grads(ref, gs)
+    cpp = opt._plan.cpp
+    assert cpp.collect(opt.param_groups, opt.state) == ""
+    cpp.release()
+    opt.step()
+    ropt.step()
+    assert opt._plan.cpp is cpp and opt._plan_stats["fast"] == 3
+    assert_same(ropt, ref, opt, params)
