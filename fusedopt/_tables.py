@@ -101,8 +101,9 @@ class DeviceTables:
         if missing:
             raise RuntimeError(
                 "fusedopt: this step, captured in a CUDA graph, needs metadata tables "
-                f"({', '.join(missing)}) larger than any step before the capture, and pinned memory "
-                "cannot be allocated during a capture. Run one eager step with the same parameters "
+                f"({', '.join(missing)}) larger than any step before the capture, and pinned "
+                "memory cannot be allocated during a capture. Run one eager step with the same "
+                "parameters "
                 "and options before capturing (as torch.cuda.graphs' warm-up does)."
             )
         self.captured = True
