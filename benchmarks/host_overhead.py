@@ -210,7 +210,8 @@ def header(argv, args, providers):
     commit = _git("rev-parse", "--short", "HEAD") or "unknown"
     changed = _git("status", "--porcelain", "--", "fusedopt", "csrc", "kernels").splitlines()
     if changed:  # the measured code is not the commit's
-        commit += f" + uncommitted changes to {', '.join(c[3:] for c in changed)}"
+        # (_git strips the output, and with it the first line's leading status column)
+        commit += f" + uncommitted changes to {', '.join(c.split(maxsplit=1)[1] for c in changed)}"
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ")
     load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
     lines = [

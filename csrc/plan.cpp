@@ -20,13 +20,10 @@
 // call saw it, it runs the kernels without the op's per-tensor checks (they cost five times the
 // kernels at 10,000 one-element tensors). Anything else, and every CUDA call (whose tables the
 // host cannot read), goes through the op and its checks.
-#include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/extension.h>
 
-#include <algorithm>
-#include <cstdint>
 #include <cstring>
 
 #include "cpu/step.h"
@@ -40,9 +37,6 @@
 namespace {
 
 namespace py = pybind11;
-
-// Below this many tensors collect() checks them on one thread.
-constexpr int64_t kGrainChecks = 4096;
 
 // The op fusedopt::`name` (csrc/binding.cpp's schema), called without boxing its arguments.
 template <typename Signature>
@@ -230,40 +224,17 @@ class StepPlan {
     if (state.ptr() != state_.ptr() || !same_items(state.ptr(), state_items_)) {
       return "the optimizer's state changed";
     }
-    // The per-tensor checks, in parallel over the intra-op threads when there are many: each
-    // reads only C++ and dict memory that nothing changes meanwhile (this thread holds the GIL
-    // and runs no Python until they end). A step with 10,000 fresh grads spends most of collect()
-    // waiting for memory, for each parameter's chain of objects down to its grad's storage. The
-    // first failure in order is reported, as a serial pass would.
-    const size_t n_held = held_.size(), n = n_held + watched_.size();
-    const int threads = at::get_num_threads();
-    std::vector<Partial> partial(static_cast<size_t>(std::max(threads, 1)));
-    for (Partial& p : partial) p.changed.assign(works_.size(), 0);
-    // two passes, so that each splits evenly (a parameter costs more than a held tensor)
-    for (const auto& [b0, e0] : {std::pair<size_t, size_t>{0, n_held}, {n_held, n}}) {
-      at::parallel_for(b0, e0, kGrainChecks, [&](int64_t b, int64_t e) {
-        Partial& p = partial[static_cast<size_t>(at::get_thread_num())];
-        for (auto i = static_cast<size_t>(b); i < static_cast<size_t>(e) && i < p.fail; ++i) {
-          const char* why =
-              i < n_held ? held_moved(held_[i]) : plain_grad(watched_[i - n_held], p);
-          if (why != nullptr) {
-            p.fail = i;
-            p.why = why;
-          }
-        }
-      });
+    for (const Held& h : held_) {
+      if (!h.t.has_storage() || address(h.t) != h.addr || h.t.numel() != h.numel ||
+          h.t.scalar_type() != h.dtype) {
+        return "a parameter or state tensor moved";
+      }
     }
-    const Partial* first = &partial[0];
-    for (const Partial& p : partial) {
-      if (p.fail < first->fail) first = &p;
-    }
-    if (first->why != nullptr) return first->why;
-    for (size_t wi = 0; wi < works_.size(); ++wi) {  // (cleared when grad_addrs() hands them out)
-      for (const Partial& p : partial) works_[wi].grads_changed |= p.changed[wi] != 0;
-    }
-    for (Watched& w : watched_) {  // DTensor parameters: their grads are read through Python
-      if (w.local.is_none()) continue;
-      std::string why = dtensor_grad(w);
+    for (Watched& w : watched_) {
+      if (w.slot >= 0 && !same_items(w.state.ptr(), w.entries)) {
+        return "a parameter's state changed";
+      }
+      std::string why = grad_of(w);
       if (!why.empty()) return why;
     }
     collected_ = true;
@@ -359,59 +330,25 @@ class StepPlan {
   }
 
  private:
-  // What one thread of collect() found: the first index that failed, and why; which works'
-  // grad addresses changed.
-  struct alignas(64) Partial {
-    size_t fail = SIZE_MAX;
-    const char* why = nullptr;
-    std::vector<char> changed;
-  };
-
-  static const char* held_moved(const Held& h) {
-    if (!h.t.has_storage() || address(h.t) != h.addr || h.t.numel() != h.numel ||
-        h.t.scalar_type() != h.dtype) {
-      return "a parameter or state tensor moved";
-    }
-    return nullptr;
-  }
-
-  // A plain parameter's state dict and grad (DTensors: dtensor_grad). Reads no Python attribute
-  // and changes no Python reference count: it runs on any thread.
-  const char* plain_grad(Watched& w, Partial& p) {
-    if (!w.local.is_none()) return nullptr;
-    if (w.slot >= 0 && !same_items(w.state.ptr(), w.entries)) {
-      return "a parameter's state changed";
-    }
-    const at::Tensor& grad = THPVariable_Unpack(w.param.ptr()).grad();
-    return take_grad(w, grad.defined() ? &grad : nullptr, p.changed);
-  }
-
-  // A DTensor parameter's state dict and grad, whose local tensors are Python attributes.
-  std::string dtensor_grad(Watched& w) {
+  // Reads w's grad into its work and slot; "" or why the plan no longer holds.
+  std::string grad_of(Watched& w) {
     static const py::str grad_key("grad"), local_key("_local_tensor");
-    if (w.slot >= 0 && !same_items(w.state.ptr(), w.entries)) {
-      return "a parameter's state changed";
-    }
-    py::object local = w.param.attr(local_key);
-    if (local.ptr() != w.local.ptr()) return "a parameter's local shard was replaced";
-    py::object dgrad = w.param.attr(grad_key);
-    py::object keep;  // the local grad object, alive while it is read
     const at::Tensor* g = nullptr;
-    if (!dgrad.is_none()) {
-      keep = dgrad.attr(local_key);
-      if (!THPVariable_Check(keep.ptr())) return "a grad is not a tensor";
-      g = &THPVariable_Unpack(keep.ptr());
+    py::object keep;  // DTensor: the local grad object, alive while g is read
+    if (w.local.is_none()) {
+      const at::Tensor& grad = THPVariable_Unpack(w.param.ptr()).grad();
+      if (grad.defined()) g = &grad;
+    } else {
+      py::object local = w.param.attr(local_key);
+      if (local.ptr() != w.local.ptr()) return "a parameter's local shard was replaced";
+      py::object dgrad = w.param.attr(grad_key);
+      if (!dgrad.is_none()) {
+        keep = dgrad.attr(local_key);
+        if (!THPVariable_Check(keep.ptr())) return "a grad is not a tensor";
+        g = &THPVariable_Unpack(keep.ptr());
+      }
     }
-    std::vector<char> changed(works_.size(), 0);
-    const char* why = take_grad(w, g, changed);
-    if (w.slot >= 0 && changed[w.work]) works_[w.work].grads_changed = true;
-    return why == nullptr ? "" : why;
-  }
-
-  // Checks grad g (nullptr: none) of w against the plan, and takes it into w's work and slot;
-  // nullptr, or why the plan no longer holds.
-  const char* take_grad(const Watched& w, const at::Tensor* g, std::vector<char>& changed) {
-    if (w.slot < 0) return g == nullptr ? nullptr : "a parameter gained a grad";
+    if (w.slot < 0) return g == nullptr ? "" : "a parameter gained a grad";
     if (g == nullptr) return "a parameter lost its grad";
     const at::Tensor& p = w.layout;
     if (g->layout() != at::kStrided || g->scalar_type() != p.scalar_type() ||
@@ -424,10 +361,10 @@ class StepPlan {
     int64_t* addrs = work.grad_addrs.data_ptr<int64_t>();
     if (addrs[w.slot] != a) {
       addrs[w.slot] = a;
-      if (changed[w.work] == 0) changed[w.work] = 1;  // written once: no line shared by threads
+      work.grads_changed = true;
     }
     work.grads[w.slot] = *g;
-    return nullptr;
+    return "";
   }
 
   // True when a checked call of the op saw what this call would run on: the same table tensors
