@@ -24,6 +24,7 @@ from .multi_tensor import (
     T_SHADOW,
     TMETA_WIDTH,
     advance_steps,
+    block_mask,
     cast_out,
     grad_in,
     lerp,
@@ -32,6 +33,7 @@ from .multi_tensor import (
     prologue_common,
     run_step,
     store_param,
+    whole_aligned_chunk,
 )
 
 H_BETA1 = tl.constexpr(L.ADAM_COLS["beta1"])
@@ -138,13 +140,16 @@ def _adam_main(
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
     row = tmeta + t * TMETA_WIDTH
-    p_ptr = tl.load(row + T_PARAM).to(tl.pointer_type(DTYPE))
-    m_ptr = tl.load(row + T_S0).to(tl.pointer_type(SDTYPE))
-    v_ptr = tl.load(row + T_S1).to(tl.pointer_type(SDTYPE))
-    vmax_ptr = tl.load(row + T_S2).to(tl.pointer_type(SDTYPE))
+    p_addr, m_addr = tl.load(row + T_PARAM), tl.load(row + T_S0)
+    v_addr, vmax_addr = tl.load(row + T_S1), tl.load(row + T_S2)
+    g_addr, shadow_addr = tl.load(grads + t), tl.load(row + T_SHADOW)
+    p_ptr = p_addr.to(tl.pointer_type(DTYPE))
+    m_ptr = m_addr.to(tl.pointer_type(SDTYPE))
+    v_ptr = v_addr.to(tl.pointer_type(SDTYPE))
+    vmax_ptr = vmax_addr.to(tl.pointer_type(SDTYPE))
     numel = live_count(tl.load(row + T_NUMEL), found_inf, HAS_INF)
-    g_ptr = tl.load(grads + t).to(tl.pointer_type(GDTYPE))
-    shadow_ptr = tl.load(row + T_SHADOW).to(tl.pointer_type(GDTYPE))
+    g_ptr = g_addr.to(tl.pointer_type(GDTYPE))
+    shadow_ptr = shadow_addr.to(tl.pointer_type(GDTYPE))
     s = scal + t * SCAL_WIDTH
     seed = tl.load(s + S_SEED).to(tl.int64)  # the step, for stochastic rounding
     step_size = tl.load(s + S_STEP_SIZE)
@@ -156,33 +161,97 @@ def _adam_main(
     w2 = tl.load(s + S_W2)
     eps = tl.load(s + S_EPS)
     sign = tl.load(s + S_SIGN)
-    # Runtime flags become element limits (0 when off): the masks then do the branching.
-    ams_numel = tl.where(tl.load(s + S_AMSGRAD) != 0.0, numel, 0)
-    for i in tl.static_range(ITERS):
-        offs = start + i * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < numel
-        p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
-        g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
-        g = grad_in(g, g_ptr, offs, mask, grad_scale, clip, HAS_SCALE, CLIP, GDTYPE)
-        m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
-        v = tl.load(v_ptr + offs, mask=mask).to(tl.float32)
-        g = g * sign
-        p = p * p_mul
-        g = tl.where(g_wd != 0.0, tl.fma(p, g_wd, g), g)
-        m = lerp(m, g, w1)
-        v = tl.fma(w2 * g, g, v * beta2)
-        v_used = v
-        if HAS_AMSGRAD:
-            ams_mask = offs < ams_numel
-            vmax = tl.load(vmax_ptr + offs, mask=ams_mask, other=0.0).to(tl.float32)
+    ams_on = tl.load(s + S_AMSGRAD) != 0.0
+    start = tl.multiple_of(start, BLOCK * ITERS)  # chunks start at multiples of the chunk size
+    if whole_aligned_chunk(
+        start, numel, BLOCK * ITERS, p_addr, g_addr, m_addr, v_addr, vmax_addr, shadow_addr
+    ):
+        # every access of this chunk in bounds and 16-byte aligned: unmasked, 128-bit
+        p_ptr = tl.multiple_of(p_ptr, 16)
+        g_ptr = tl.multiple_of(g_ptr, 16)
+        m_ptr = tl.multiple_of(m_ptr, 16)
+        v_ptr = tl.multiple_of(v_ptr, 16)
+        vmax_ptr = tl.multiple_of(vmax_ptr, 16)
+        shadow_ptr = tl.multiple_of(shadow_ptr, 16)
+        for i in tl.static_range(ITERS):
+            _adam_block(
+                p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, shadow_ptr,
+                start + i * BLOCK + tl.arange(0, BLOCK), numel, ams_on,
+                t, seed, step_size, bc2_sqrt, p_mul, g_wd, w1, beta2, w2, eps, sign,
+                grad_scale, clip, DTYPE, GDTYPE, SDTYPE, SHADOW, SR, HAS_SCALE, CLIP,
+                HAS_AMSGRAD, False,
+            )  # fmt: skip
+    else:
+        # a tensor's tail, or a tensor not 16-byte aligned: masked scalar accesses, in a loop
+        # (unrolled, as the whole path is, it would hold up to 155 registers: 4 warps, fp32)
+        for i in range(ITERS):
+            _adam_block(
+                p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, shadow_ptr,
+                start + i * BLOCK + tl.arange(0, BLOCK), numel, ams_on,
+                t, seed, step_size, bc2_sqrt, p_mul, g_wd, w1, beta2, w2, eps, sign,
+                grad_scale, clip, DTYPE, GDTYPE, SDTYPE, SHADOW, SR, HAS_SCALE, CLIP,
+                HAS_AMSGRAD, True,
+            )  # fmt: skip
+
+
+@triton.jit
+def _adam_block(
+    p_ptr,
+    g_ptr,
+    m_ptr,
+    v_ptr,
+    vmax_ptr,
+    shadow_ptr,
+    offs,
+    numel,
+    ams_on,
+    t,
+    seed,
+    step_size,
+    bc2_sqrt,
+    p_mul,
+    g_wd,
+    w1,
+    beta2,
+    w2,
+    eps,
+    sign,
+    grad_scale,
+    clip,
+    DTYPE: tl.constexpr,
+    GDTYPE: tl.constexpr,
+    SDTYPE: tl.constexpr,
+    SHADOW: tl.constexpr,
+    SR: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    CLIP: tl.constexpr,
+    HAS_AMSGRAD: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    """One BLOCK of elements ``offs``: masked by ``numel`` (MASKED), or all in bounds."""
+    mask = block_mask(offs, numel, MASKED)
+    p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
+    g = grad_in(g, g_ptr, offs, mask, grad_scale, clip, HAS_SCALE, CLIP, GDTYPE)
+    m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
+    v = tl.load(v_ptr + offs, mask=mask).to(tl.float32)
+    g = g * sign
+    p = p * p_mul
+    g = tl.where(g_wd != 0.0, tl.fma(p, g_wd, g), g)
+    m = lerp(m, g, w1)
+    v = tl.fma(w2 * g, g, v * beta2)
+    v_used = v
+    if HAS_AMSGRAD:
+        if ams_on:  # a per-group option: the same for the whole block
+            vmax = tl.load(vmax_ptr + offs, mask=mask).to(tl.float32)
             vmax = tl.maximum(vmax, v, propagate_nan=tl.PropagateNan.ALL)
-            tl.store(vmax_ptr + offs, cast_out(vmax, SDTYPE), mask=ams_mask)
-            v_used = tl.where(ams_mask, vmax, v)
-        denom = tl.div_rn(tl.sqrt_rn(v_used), bc2_sqrt) + eps
-        p = p + tl.div_rn(-step_size * m, denom)
-        store_param(p_ptr, shadow_ptr, offs, mask, p, t, seed, DTYPE, GDTYPE, SHADOW, SR)
-        tl.store(m_ptr + offs, cast_out(m, SDTYPE), mask=mask)
-        tl.store(v_ptr + offs, cast_out(v, SDTYPE), mask=mask)
+            tl.store(vmax_ptr + offs, cast_out(vmax, SDTYPE), mask=mask)
+            v_used = vmax
+    denom = tl.div_rn(tl.sqrt_rn(v_used), bc2_sqrt) + eps
+    p = p + tl.div_rn(-step_size * m, denom)
+    store_param(p_ptr, shadow_ptr, offs, mask, p, t, seed, DTYPE, GDTYPE, SHADOW, SR)
+    tl.store(m_ptr + offs, cast_out(m, SDTYPE), mask=mask)
+    tl.store(v_ptr + offs, cast_out(v, SDTYPE), mask=mask)
 
 
 def adam_step(tables, amp, has_amsgrad):

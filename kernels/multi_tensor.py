@@ -187,6 +187,26 @@ def cast_out(x, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def whole_aligned_chunk(start, numel, CHUNK: tl.constexpr, a0, a1, a2, a3, a4, a5):
+    """True when the chunk from ``start`` lies wholly inside the tensor (``numel`` elements) and
+    every address (int64) is 16-byte aligned (a null one, an unused state, counts as aligned): its
+    blocks need no mask and compile to 128-bit accesses (the compiler cannot know either from
+    addresses it reads from the tables; ``tl.multiple_of`` tells it, on this branch only). A
+    tensor's last chunk and views at odd offsets take the masked, scalar path."""
+    addrs = a0 | a1 | a2 | a3 | a4 | a5
+    return ((addrs & 15) == 0) & (start + CHUNK <= numel)
+
+
+@triton.jit
+def block_mask(offs, numel, MASKED: tl.constexpr):
+    """The mask of a block's accesses: ``offs < numel``, or none (all in bounds)."""
+    if MASKED:
+        return offs < numel
+    else:
+        return None
+
+
+@triton.jit
 def live_count(n, found_inf, HAS_INF: tl.constexpr):
     """``n``, or 0 when GradScaler found an inf/NaN: a skipped step touches nothing."""
     if HAS_INF:
@@ -276,15 +296,34 @@ def _sumsq_main(
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
     numel = live_count(tl.load(tmeta + t * TMETA_WIDTH + T_NUMEL), found_inf, HAS_INF)
-    g_ptr = tl.load(grads + t).to(tl.pointer_type(DTYPE))
+    g_addr = tl.load(grads + t)
+    g_ptr = g_addr.to(tl.pointer_type(DTYPE))
     acc = tl.zeros((BLOCK,), tl.float32)
-    for i in tl.static_range(ITERS):
-        offs = start + i * BLOCK + tl.arange(0, BLOCK)
-        g = tl.load(g_ptr + offs, mask=offs < numel, other=0.0).to(tl.float32)
-        if HAS_SCALE:
-            g = tl.div_rn(g, tl.load(grad_scale))
-        acc = tl.fma(g, g, acc)
+    start = tl.multiple_of(start, BLOCK * ITERS)
+    # the same sums in the same order on both paths: only the accesses differ (see adam.py)
+    if whole_aligned_chunk(start, numel, BLOCK * ITERS, g_addr, 0, 0, 0, 0, 0):
+        g_ptr = tl.multiple_of(g_ptr, 16)
+        for i in tl.static_range(ITERS):
+            offs = start + i * BLOCK + tl.arange(0, BLOCK)
+            acc = _sumsq_block(g_ptr, offs, numel, grad_scale, acc, HAS_SCALE, False)
+    else:
+        for i in tl.static_range(ITERS):
+            offs = start + i * BLOCK + tl.arange(0, BLOCK)
+            acc = _sumsq_block(g_ptr, offs, numel, grad_scale, acc, HAS_SCALE, True)
     tl.store(partials + pid, tl.sum(acc, axis=0))
+
+
+@triton.jit
+def _sumsq_block(
+    g_ptr, offs, numel, grad_scale, acc, HAS_SCALE: tl.constexpr, MASKED: tl.constexpr
+):
+    if MASKED:
+        g = tl.load(g_ptr + offs, mask=offs < numel, other=0.0).to(tl.float32)
+    else:
+        g = tl.load(g_ptr + offs).to(tl.float32)
+    if HAS_SCALE:
+        g = tl.div_rn(g, tl.load(grad_scale))
+    return tl.fma(g, g, acc)
 
 
 def run_step(tables, amp, prologue, main, **flags):
@@ -337,6 +376,7 @@ def run_step(tables, amp, prologue, main, **flags):
         **LAUNCH_OPTIONS,
     )
     for bucket, chunks, _ in tables.bucket_ranges():
+        dtypes = TL_DTYPE[bucket.param], TL_DTYPE[bucket.grad], TL_DTYPE[bucket.state]
         main[chunk_grid(chunks)](
             tables.tmeta,
             tables.grads,
@@ -345,15 +385,26 @@ def run_step(tables, amp, prologue, main, **flags):
             scale,
             inf,
             tables.clip,
-            DTYPE=TL_DTYPE[bucket.param],
-            GDTYPE=TL_DTYPE[bucket.grad],
-            SDTYPE=TL_DTYPE[bucket.state],
+            DTYPE=dtypes[0],
+            GDTYPE=dtypes[1],
+            SDTYPE=dtypes[2],
             SHADOW=bucket.shadow,
             SR=bucket.stochastic,
             CLIP=clip,
-            **opts,
+            **{**opts, "num_warps": main_warps(*dtypes)},
             **flags,
         )
+
+
+def main_warps(*dtypes):
+    """Warps per program of a main pass over arrays of ``dtypes`` (Triton types): each thread
+    then holds 16 bytes of the narrowest array per block, one 128-bit access (a 1,024-element
+    block: 8 warps when all are 4 bytes wide, 4 fp32 per thread; 4 warps with any 2-byte one, 8
+    elements per thread). More elements per thread cost registers (fp32 AdamW at sm_90, both
+    paths unrolled: 95 on 4 warps, 60 on 8); fewer lose the 128-bit access (benchmarks/NOTES-gpu-
+    performance.md)."""
+    narrowest = min(d.primitive_bitwidth for d in dtypes) // 8
+    return max(1, BLOCK * narrowest // (16 * 32))
 
 
 def chunk_grid(chunks):

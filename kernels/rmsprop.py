@@ -25,6 +25,7 @@ from .multi_tensor import (
     T_SHADOW,
     TMETA_WIDTH,
     advance_steps,
+    block_mask,
     cast_out,
     grad_in,
     lerp,
@@ -32,6 +33,7 @@ from .multi_tensor import (
     prologue_common,
     run_step,
     store_param,
+    whole_aligned_chunk,
 )
 
 H_ALPHA = tl.constexpr(L.RMSPROP_COLS["alpha"])
@@ -130,13 +132,16 @@ def _rmsprop_main(
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
     row = tmeta + t * TMETA_WIDTH
-    p_ptr = tl.load(row + T_PARAM).to(tl.pointer_type(DTYPE))
-    sq_ptr = tl.load(row + T_S0).to(tl.pointer_type(SDTYPE))
-    buf_ptr = tl.load(row + T_S1).to(tl.pointer_type(SDTYPE))
-    ga_ptr = tl.load(row + T_S2).to(tl.pointer_type(SDTYPE))
+    p_addr, sq_addr = tl.load(row + T_PARAM), tl.load(row + T_S0)
+    buf_addr, ga_addr = tl.load(row + T_S1), tl.load(row + T_S2)
+    g_addr, shadow_addr = tl.load(grads + t), tl.load(row + T_SHADOW)
+    p_ptr = p_addr.to(tl.pointer_type(DTYPE))
+    sq_ptr = sq_addr.to(tl.pointer_type(SDTYPE))
+    buf_ptr = buf_addr.to(tl.pointer_type(SDTYPE))
+    ga_ptr = ga_addr.to(tl.pointer_type(SDTYPE))
     numel = live_count(tl.load(row + T_NUMEL), found_inf, HAS_INF)
-    g_ptr = tl.load(grads + t).to(tl.pointer_type(GDTYPE))
-    shadow_ptr = tl.load(row + T_SHADOW).to(tl.pointer_type(GDTYPE))
+    g_ptr = g_addr.to(tl.pointer_type(GDTYPE))
+    shadow_ptr = shadow_addr.to(tl.pointer_type(GDTYPE))
     s = scal + t * SCAL_WIDTH
     seed = tl.load(s + S_SEED).to(tl.int64)  # the step, for stochastic rounding
     lr = tl.load(s + S_LR)
@@ -146,37 +151,98 @@ def _rmsprop_main(
     wd = tl.load(s + S_WD)
     momentum = tl.load(s + S_MOMENTUM)
     sign = tl.load(s + S_SIGN)
-    # Runtime flags become element limits (0 when off): the masks then do the branching.
-    centered_numel = tl.where(tl.load(s + S_CENTERED) != 0.0, numel, 0)
-    momentum_numel = tl.where(momentum > 0.0, numel, 0)
-    for i in tl.static_range(ITERS):
-        offs = start + i * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < numel
-        p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
-        g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
-        g = grad_in(g, g_ptr, offs, mask, grad_scale, clip, HAS_SCALE, CLIP, GDTYPE)
-        sq = tl.load(sq_ptr + offs, mask=mask).to(tl.float32)
-        g = g * sign
-        g = tl.where(wd != 0.0, tl.fma(p, wd, g), g)
-        sq = tl.fma(w * g, g, sq * alpha)
-        var = sq
-        if HAS_CENTERED:
-            c_mask = offs < centered_numel
-            ga = tl.load(ga_ptr + offs, mask=c_mask, other=0.0).to(tl.float32)
+    centered_on = tl.load(s + S_CENTERED) != 0.0
+    momentum_on = momentum > 0.0
+    start = tl.multiple_of(start, BLOCK * ITERS)  # chunks start at multiples of the chunk size
+    if whole_aligned_chunk(
+        start, numel, BLOCK * ITERS, p_addr, g_addr, sq_addr, buf_addr, ga_addr, shadow_addr
+    ):
+        # every access of this chunk in bounds and 16-byte aligned: unmasked, 128-bit
+        p_ptr = tl.multiple_of(p_ptr, 16)
+        g_ptr = tl.multiple_of(g_ptr, 16)
+        sq_ptr = tl.multiple_of(sq_ptr, 16)
+        buf_ptr = tl.multiple_of(buf_ptr, 16)
+        ga_ptr = tl.multiple_of(ga_ptr, 16)
+        shadow_ptr = tl.multiple_of(shadow_ptr, 16)
+        for i in tl.static_range(ITERS):
+            _rmsprop_block(
+                p_ptr, g_ptr, sq_ptr, buf_ptr, ga_ptr, shadow_ptr,
+                start + i * BLOCK + tl.arange(0, BLOCK), numel, centered_on, momentum_on,
+                t, seed, lr, alpha, w, eps, wd, momentum, sign, grad_scale, clip,
+                DTYPE, GDTYPE, SDTYPE, SHADOW, SR, HAS_SCALE, CLIP, HAS_CENTERED, HAS_MOMENTUM,
+                False,
+            )  # fmt: skip
+    else:  # a tensor's tail, or a tensor not 16-byte aligned: masked scalar accesses, in a loop
+        for i in range(ITERS):
+            _rmsprop_block(
+                p_ptr, g_ptr, sq_ptr, buf_ptr, ga_ptr, shadow_ptr,
+                start + i * BLOCK + tl.arange(0, BLOCK), numel, centered_on, momentum_on,
+                t, seed, lr, alpha, w, eps, wd, momentum, sign, grad_scale, clip,
+                DTYPE, GDTYPE, SDTYPE, SHADOW, SR, HAS_SCALE, CLIP, HAS_CENTERED, HAS_MOMENTUM,
+                True,
+            )  # fmt: skip
+
+
+@triton.jit
+def _rmsprop_block(
+    p_ptr,
+    g_ptr,
+    sq_ptr,
+    buf_ptr,
+    ga_ptr,
+    shadow_ptr,
+    offs,
+    numel,
+    centered_on,
+    momentum_on,
+    t,
+    seed,
+    lr,
+    alpha,
+    w,
+    eps,
+    wd,
+    momentum,
+    sign,
+    grad_scale,
+    clip,
+    DTYPE: tl.constexpr,
+    GDTYPE: tl.constexpr,
+    SDTYPE: tl.constexpr,
+    SHADOW: tl.constexpr,
+    SR: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    CLIP: tl.constexpr,
+    HAS_CENTERED: tl.constexpr,
+    HAS_MOMENTUM: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    """One BLOCK of elements ``offs``: masked by ``numel`` (MASKED), or all in bounds."""
+    mask = block_mask(offs, numel, MASKED)
+    p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
+    g = grad_in(g, g_ptr, offs, mask, grad_scale, clip, HAS_SCALE, CLIP, GDTYPE)
+    sq = tl.load(sq_ptr + offs, mask=mask).to(tl.float32)
+    g = g * sign
+    g = tl.where(wd != 0.0, tl.fma(p, wd, g), g)
+    sq = tl.fma(w * g, g, sq * alpha)
+    var = sq
+    if HAS_CENTERED:
+        if centered_on:  # per-group options: the same for the whole block
+            ga = tl.load(ga_ptr + offs, mask=mask).to(tl.float32)
             ga = lerp(ga, g, w)
-            tl.store(ga_ptr + offs, cast_out(ga, SDTYPE), mask=c_mask)
-            var = tl.where(c_mask, tl.fma(-ga, ga, sq), sq)
-        avg = tl.sqrt_rn(var) + eps
-        new_p = p + tl.div_rn(-lr * g, avg)
-        if HAS_MOMENTUM:
-            b_mask = offs < momentum_numel
-            buf = tl.load(buf_ptr + offs, mask=b_mask, other=0.0).to(tl.float32)
+            tl.store(ga_ptr + offs, cast_out(ga, SDTYPE), mask=mask)
+            var = tl.fma(-ga, ga, sq)
+    avg = tl.sqrt_rn(var) + eps
+    new_p = p + tl.div_rn(-lr * g, avg)
+    if HAS_MOMENTUM:
+        if momentum_on:
+            buf = tl.load(buf_ptr + offs, mask=mask).to(tl.float32)
             buf = buf * momentum + tl.div_rn(g, avg)
-            tl.store(buf_ptr + offs, cast_out(buf, SDTYPE), mask=b_mask)
-            new_p = tl.where(b_mask, tl.fma(buf, -lr, p), new_p)
-        p = new_p
-        store_param(p_ptr, shadow_ptr, offs, mask, p, t, seed, DTYPE, GDTYPE, SHADOW, SR)
-        tl.store(sq_ptr + offs, cast_out(sq, SDTYPE), mask=mask)
+            tl.store(buf_ptr + offs, cast_out(buf, SDTYPE), mask=mask)
+            new_p = tl.fma(buf, -lr, p)
+    store_param(p_ptr, shadow_ptr, offs, mask, new_p, t, seed, DTYPE, GDTYPE, SHADOW, SR)
+    tl.store(sq_ptr + offs, cast_out(sq, SDTYPE), mask=mask)
 
 
 def rmsprop_step(tables, amp, has_centered, has_momentum):

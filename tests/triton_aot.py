@@ -121,14 +121,27 @@ def variants():
                 )
 
 
+def launch_options(constexprs):
+    """The options run_step launches a variant with (the main passes' warps by dtype)."""
+    options = dict(multi_tensor.LAUNCH_OPTIONS)
+    if "SDTYPE" in constexprs:
+        dtypes = (constexprs["DTYPE"], constexprs["GDTYPE"], constexprs["SDTYPE"])
+        options["num_warps"] = multi_tensor.main_warps(*dtypes)
+    return options
+
+
+def compile_variant(fn, sig, constexprs, arch):
+    return triton.compile(
+        ASTSource(fn, sig, constexprs=constexprs),
+        target=GPUTarget("cuda", arch, 32),
+        options=launch_options(constexprs),
+    )
+
+
 def main(archs):
     for arch in archs:
         for name, fn, sig, constexprs in variants():
-            kernel = triton.compile(
-                ASTSource(fn, sig, constexprs=constexprs),
-                target=GPUTarget("cuda", arch, 32),
-                options=dict(multi_tensor.LAUNCH_OPTIONS),
-            )
+            kernel = compile_variant(fn, sig, constexprs, arch)
             ptx = kernel.asm["ptx"]
             print(
                 json.dumps(
