@@ -172,8 +172,8 @@ def _rmsprop_main(
                 DTYPE, GDTYPE, SDTYPE, SHADOW, SR, HAS_SCALE, CLIP, HAS_CENTERED, HAS_MOMENTUM,
                 False,
             )  # fmt: skip
-    else:  # a tensor's tail, or a tensor not 16-byte aligned: masked scalar accesses, in a loop
-        for i in range(ITERS):
+    else:  # a tensor's tail, or a tensor not 16-byte aligned: masked scalar accesses
+        for i in tl.static_range(ITERS):
             _rmsprop_block(
                 p_ptr, g_ptr, sq_ptr, buf_ptr, ga_ptr, shadow_ptr,
                 start + i * BLOCK + tl.arange(0, BLOCK), numel, centered_on, momentum_on,

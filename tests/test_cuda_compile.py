@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -90,7 +91,7 @@ def _short_names(mangled):
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
-    """(source, nvcc result, seconds) per .cu file, compiled two at a time."""
+    """(source, nvcc result, seconds, object file) per .cu file, compiled two at a time."""
     nvcc = _find_nvcc()
     if nvcc is None:
         pytest.skip("nvcc not found (neither on PATH, in $CUDA_HOME/bin nor /usr/local/cuda/bin)")
@@ -98,9 +99,11 @@ def compiled(tmp_path_factory):
 
     def build(src):
         t0 = time.perf_counter()
-        cmd = _nvcc_command(nvcc, src, out_dir / f"{src.stem}.o")
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        return src, res, time.perf_counter() - t0
+        obj = out_dir / f"{src.stem}.o"
+        res = subprocess.run(
+            _nvcc_command(nvcc, src, obj), capture_output=True, text=True, timeout=600
+        )
+        return src, res, time.perf_counter() - t0, obj
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         return list(pool.map(build, SOURCES))
@@ -109,7 +112,7 @@ def compiled(tmp_path_factory):
 def test_kernels_compile_for_sm80_sm90_without_spills(compiled):
     assert [s.name for s in SOURCES] == sorted(KERNELS_PER_ARCH)
     table = []
-    for src, res, seconds in compiled:
+    for src, res, seconds, _ in compiled:
         assert res.returncode == 0, f"nvcc failed on {src.name}:\n{res.stderr[-6000:]}"
         rows = _kernel_stats(res.stdout + res.stderr)
         for arch in ARCHS:
@@ -125,6 +128,26 @@ def test_kernels_compile_for_sm80_sm90_without_spills(compiled):
         print(f"{file:<12} {name:<{width}} {arch:<6} {regs:>4} {spills:>11}")
     spilling = [r for r in table if r[4] > 0]
     assert not spilling, f"register spills: {spilling}"
+
+
+def test_main_kernels_use_128_bit_accesses_at_sm90(compiled):
+    """Issue 13: every main kernel and the clipping pre-pass has 128-bit global accesses in its
+    SASS (the vector path for aligned chunks) and no local-memory (spill) access. The full
+    table: benchmarks/kernel_report.py."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import kernel_report  # noqa: PLC0415
+
+    if shutil.which("cuobjdump") is None and kernel_report._triton_tool("cuobjdump") is None:
+        pytest.skip("no cuobjdump (CUDA toolkit or Triton's) to read the SASS with")
+    seen = 0
+    for _src, res, _, obj in compiled:
+        assert res.returncode == 0, res.stderr[-3000:]
+        for name, _regs, _stack, acc in kernel_report.cuda_object_kernels(obj, 90):
+            assert acc["local"] == 0, (name, acc)
+            if "main_kernel" in name or "sumsq" in name:
+                seen += 1
+                assert acc["128"] > 0, f"{name}: no 128-bit access: {dict(acc)}"
+    assert seen == sum(KERNELS_PER_ARCH.values()) - 2  # all but the two prologues
 
 
 def test_launchers_header_is_self_contained(tmp_path):

@@ -1,11 +1,11 @@
 """Parameters, grads and optimizer state that are views at odd element offsets of shared buffers.
 
-The CUDA kernels move 128-bit vectors only when every pointer a chunk touches is 16-byte aligned,
-else one element at a time; the CPU kernels are auto-vectorized. Fresh allocations are always
-aligned, so every other test takes the vector path. Here the same training runs twice on one
-backend, once on fresh tensors and once on views at odd offsets (never 16-byte aligned, for 2- and
-4-byte dtypes alike), and the two must agree bit for bit: the element-wise path computes exactly
-what the vector path does. The elements of the buffers between the views must stay untouched.
+The CUDA and Triton kernels move 128-bit vectors only when every pointer a chunk touches is
+16-byte aligned, else one element at a time; the CPU kernels are auto-vectorized. Fresh
+allocations are always aligned, so every other test takes the vector path. Here the same training
+runs twice on one backend, once on fresh tensors and once on views at odd offsets (never 16-byte
+aligned, for 2- and 4-byte dtypes alike), and the two must agree bit for bit: the element-wise
+path computes exactly what the vector path does. The elements of the buffers between the views must stay untouched.
 """
 
 import pytest
@@ -223,12 +223,12 @@ def test_odd_offset_views_match_fresh_tensors(
     [(cls, r) for cls in GROUPS for r in ("param", "grad", "master_param", *STATES[cls])],
     ids=lambda v: v,
 )
-@pytest.mark.parametrize("backend,device", backend_device_params(("cpu", "cuda")))
+@pytest.mark.parametrize("backend,device", backend_device_params(("triton", "cpu", "cuda")))
 def test_one_unaligned_tensor(backend, device, cls, role, require_backend):
-    """One tensor misaligned, the others fresh (aligned). The CUDA kernels choose the vector path
-    per chunk from every pointer it touches; with all pointers misaligned a forgotten check goes
-    unnoticed, with one alone it is a misaligned vector access (a fault, or wrong values). Native
-    backends only: the others have no alignment-dependent path. bf16 parameters with an fp32
+    """One tensor misaligned, the others fresh (aligned). The CUDA and Triton kernels choose the
+    vector path per chunk from every pointer it touches; with all pointers misaligned a forgotten
+    check goes unnoticed, with one alone it is a misaligned vector access (a fault, or wrong
+    values; on a GPU: the Triton interpreter reads any address). bf16 parameters with an fp32
     master have every role: the model's parameter ("param"), the master the update reads and
     writes, the grad and each state."""
     require_backend(backend, device)

@@ -8,6 +8,7 @@ unsupported ops) on machines where the kernels otherwise run only in the interpr
 import itertools
 import json
 import sys
+from pathlib import Path
 
 import triton
 import triton.language as tl
@@ -15,6 +16,9 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from fusedopt.kernels import adam, multi_tensor, rmsprop
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import kernel_report  # noqa: E402
 
 PROLOGUE_SIG = {
     "tmeta": "*i64",
@@ -143,17 +147,20 @@ def main(archs):
         for name, fn, sig, constexprs in variants():
             kernel = compile_variant(fn, sig, constexprs, arch)
             ptx = kernel.asm["ptx"]
-            print(
-                json.dumps(
-                    {
-                        "arch": arch,
-                        "kernel": name,
-                        "ptx_bytes": len(ptx),
-                        "cubin_bytes": len(kernel.asm["cubin"]),
-                        "fma_f32": ptx.count("fma.rn.f32"),
-                    }
-                )
-            )
+            row = {
+                "arch": arch,
+                "kernel": name,
+                "ptx_bytes": len(ptx),
+                "cubin_bytes": len(kernel.asm["cubin"]),
+                "fma_f32": ptx.count("fma.rn.f32"),
+                "dtypes": [
+                    str(constexprs[k]) for k in ("DTYPE", "GDTYPE", "SDTYPE") if k in constexprs
+                ],
+            }
+            if arch == 90:  # what the SASS does with memory (benchmarks/kernel_report.py)
+                regs, stack, acc = kernel_report.analyze_cubin(kernel.asm["cubin"])
+                row.update(regs=regs, stack=stack, **{f"b{k}": v for k, v in acc.items()})
+            print(json.dumps(row))
 
 
 if __name__ == "__main__":
