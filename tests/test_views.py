@@ -5,7 +5,8 @@ The CUDA and Triton kernels move 128-bit vectors only when every pointer a chunk
 allocations are always aligned, so every other test takes the vector path. Here the same training
 runs twice on one backend, once on fresh tensors and once on views at odd offsets (never 16-byte
 aligned, for 2- and 4-byte dtypes alike), and the two must agree bit for bit: the element-wise
-path computes exactly what the vector path does. The elements of the buffers between the views must stay untouched.
+path computes exactly what the vector path does. The elements of the buffers between the views
+must stay untouched.
 """
 
 import pytest
