@@ -30,7 +30,6 @@ from .multi_tensor import (
     lerp,
     live_count,
     pow_int,
-    prologue_common,
     run_step,
     store_param,
     whole_aligned_chunk,
@@ -55,64 +54,45 @@ def _adam_prologue(
     tmeta,
     n_tensors,
     hyper,
-    gptr,
     glr,
-    n_groups,
     scal,
-    partials,
-    n_partials,
-    clip,
-    max_norm,
     found_inf,
     HAS_INF: tl.constexpr,
-    CLIP: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
-    active = prologue_common(
-        hyper,
-        gptr,
-        glr,
-        n_groups,
-        partials,
-        n_partials,
-        clip,
-        max_norm,
-        found_inf,
-        HAS_INF,
-        CLIP,
-        BLOCK_T,
-    )
-    n_tensors = n_tensors * active
-    for t0 in range(0, n_tensors, BLOCK_T):
-        t = t0 + tl.arange(0, BLOCK_T)
-        live = t < n_tensors
-        step = advance_steps(tmeta, t, live)
-        grp = tl.load(tmeta + t * TMETA_WIDTH + T_GROUP, mask=live, other=0)
-        h = hyper + grp * HYPER_WIDTH
-        lr = tl.load(glr + grp, mask=live, other=0.0)
-        beta1 = tl.load(h + H_BETA1, mask=live, other=0.0)
-        beta2 = tl.load(h + H_BETA2, mask=live, other=0.0)
-        eps = tl.load(h + H_EPS, mask=live, other=0.0)
-        wd = tl.load(h + H_WD, mask=live, other=0.0)
-        amsgrad = tl.load(h + H_AMSGRAD, mask=live, other=0.0)
-        maximize = tl.load(h + H_MAXIMIZE, mask=live, other=0.0)
-        decoupled = tl.load(h + H_DECOUPLED, mask=live, other=0.0) != 0.0
-        step_size = lr / (1.0 - pow_int(beta1, step))
-        bc2_sqrt = tl.sqrt(1.0 - pow_int(beta2, step))
-        p_mul = tl.where(decoupled, 1.0 - lr * wd, 1.0)
-        g_wd = tl.where(decoupled, 0.0, wd)
-        s = scal + t * SCAL_WIDTH
-        tl.store(s + S_STEP_SIZE, step_size.to(tl.float32), mask=live)
-        tl.store(s + S_BC2_SQRT, bc2_sqrt.to(tl.float32), mask=live)
-        tl.store(s + S_P_MUL, p_mul.to(tl.float32), mask=live)
-        tl.store(s + S_G_WD, g_wd.to(tl.float32), mask=live)
-        tl.store(s + S_W1, (1.0 - beta1).to(tl.float32), mask=live)
-        tl.store(s + S_BETA2, beta2.to(tl.float32), mask=live)
-        tl.store(s + S_W2, (1.0 - beta2).to(tl.float32), mask=live)
-        tl.store(s + S_EPS, eps.to(tl.float32), mask=live)
-        tl.store(s + S_SIGN, tl.where(maximize != 0.0, -1.0, 1.0).to(tl.float32), mask=live)
-        tl.store(s + S_AMSGRAD, amsgrad.to(tl.float32), mask=live)
-        tl.store(s + S_SEED, step.to(tl.float32), mask=live)
+    """The per-tensor half of the prologue, BLOCK_T tensors per program, after the group half
+    (multi_tensor._groups_prologue) has written each group's lr: the step counts and the scalars
+    the main pass reads. A grid over tensors: 10,000 tensors are 79 programs, not 79 rounds of
+    one."""
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    live = t < n_tensors * live_count(1, found_inf, HAS_INF)
+    step = advance_steps(tmeta, t, live)
+    grp = tl.load(tmeta + t * TMETA_WIDTH + T_GROUP, mask=live, other=0)
+    h = hyper + grp * HYPER_WIDTH
+    lr = tl.load(glr + grp, mask=live, other=0.0)
+    beta1 = tl.load(h + H_BETA1, mask=live, other=0.0)
+    beta2 = tl.load(h + H_BETA2, mask=live, other=0.0)
+    eps = tl.load(h + H_EPS, mask=live, other=0.0)
+    wd = tl.load(h + H_WD, mask=live, other=0.0)
+    amsgrad = tl.load(h + H_AMSGRAD, mask=live, other=0.0)
+    maximize = tl.load(h + H_MAXIMIZE, mask=live, other=0.0)
+    decoupled = tl.load(h + H_DECOUPLED, mask=live, other=0.0) != 0.0
+    step_size = lr / (1.0 - pow_int(beta1, step))
+    bc2_sqrt = tl.sqrt(1.0 - pow_int(beta2, step))
+    p_mul = tl.where(decoupled, 1.0 - lr * wd, 1.0)
+    g_wd = tl.where(decoupled, 0.0, wd)
+    s = scal + t * SCAL_WIDTH
+    tl.store(s + S_STEP_SIZE, step_size.to(tl.float32), mask=live)
+    tl.store(s + S_BC2_SQRT, bc2_sqrt.to(tl.float32), mask=live)
+    tl.store(s + S_P_MUL, p_mul.to(tl.float32), mask=live)
+    tl.store(s + S_G_WD, g_wd.to(tl.float32), mask=live)
+    tl.store(s + S_W1, (1.0 - beta1).to(tl.float32), mask=live)
+    tl.store(s + S_BETA2, beta2.to(tl.float32), mask=live)
+    tl.store(s + S_W2, (1.0 - beta2).to(tl.float32), mask=live)
+    tl.store(s + S_EPS, eps.to(tl.float32), mask=live)
+    tl.store(s + S_SIGN, tl.where(maximize != 0.0, -1.0, 1.0).to(tl.float32), mask=live)
+    tl.store(s + S_AMSGRAD, amsgrad.to(tl.float32), mask=live)
+    tl.store(s + S_SEED, step.to(tl.float32), mask=live)
 
 
 @triton.jit

@@ -60,7 +60,8 @@ CHUNK = BLOCK * ITERS
 # 3.9 fuses 32 more multiply-adds into the fp32 AdamW pass on sm_90, e.g. ``buf*momentum + g/avg``,
 # which torch computes in two rounded steps).
 LAUNCH_OPTIONS = {"enable_fp_fusion": False}
-# Prologue: one program, looping over groups and tensors this many at a time.
+# Prologues: the group half is one program looping over groups this many at a time; the tensor
+# half a grid of programs of this many tensors each.
 PROLOGUE_BLOCK = 128
 
 
@@ -253,7 +254,7 @@ def resolve_clip(partials, n_partials, clip, max_norm, live, BLOCK: tl.constexpr
 
 
 @triton.jit
-def prologue_common(
+def _groups_prologue(
     hyper,
     gptr,
     glr,
@@ -267,14 +268,13 @@ def prologue_common(
     CLIP: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """The optimizer-independent half of a prologue: group lrs, Noam counters, clip coefficient.
-    Returns 1, or 0 when GradScaler found an inf/NaN (then nothing advances)."""
+    """The optimizer-independent half of a step's prologue, one program: each group's lr (Noam
+    counters advanced), the clip coefficient; nothing when GradScaler found an inf/NaN. The
+    per-tensor half (adam.py, rmsprop.py) runs next, as a grid over tensors."""
     live = live_count(1, found_inf, HAS_INF)
     resolve_group_lrs(hyper, gptr, glr, n_groups * live, BLOCK)
     if CLIP:
         resolve_clip(partials, n_partials, clip, max_norm, live, BLOCK)
-    tl.debug_barrier()  # what was just written is read next by other threads
-    return live
 
 
 @triton.jit
@@ -357,14 +357,11 @@ def run_step(tables, amp, prologue, main, **flags):
                 DTYPE=TL_DTYPE[bucket.grad],
                 **opts,
             )
-    prologue[(1,)](
-        tables.tmeta,
-        tables.n_tensors,
+    _groups_prologue[(1,)](
         tables.hyper,
         tables.gptr,
         tables.glr,
         tables.hyper.shape[0],
-        tables.scal,
         tables.partials,
         tables.n_chunks,
         tables.clip,
@@ -372,6 +369,17 @@ def run_step(tables, amp, prologue, main, **flags):
         inf,
         HAS_INF=found_inf is not None,
         CLIP=clip,
+        BLOCK=PROLOGUE_BLOCK,
+        **LAUNCH_OPTIONS,
+    )
+    prologue[(max(1, triton.cdiv(tables.n_tensors, PROLOGUE_BLOCK)),)](
+        tables.tmeta,
+        tables.n_tensors,
+        tables.hyper,
+        tables.glr,
+        tables.scal,
+        inf,
+        HAS_INF=found_inf is not None,
         BLOCK_T=PROLOGUE_BLOCK,
         **LAUNCH_OPTIONS,
     )

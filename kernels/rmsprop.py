@@ -30,7 +30,6 @@ from .multi_tensor import (
     grad_in,
     lerp,
     live_count,
-    prologue_common,
     run_step,
     store_param,
     whole_aligned_chunk,
@@ -53,57 +52,38 @@ def _rmsprop_prologue(
     tmeta,
     n_tensors,
     hyper,
-    gptr,
     glr,
-    n_groups,
     scal,
-    partials,
-    n_partials,
-    clip,
-    max_norm,
     found_inf,
     HAS_INF: tl.constexpr,
-    CLIP: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
-    active = prologue_common(
-        hyper,
-        gptr,
-        glr,
-        n_groups,
-        partials,
-        n_partials,
-        clip,
-        max_norm,
-        found_inf,
-        HAS_INF,
-        CLIP,
-        BLOCK_T,
+    """The per-tensor half of the prologue, BLOCK_T tensors per program, after the group half
+    (multi_tensor._groups_prologue) has written each group's lr: the step counts and the scalars
+    the main pass reads. A grid over tensors: 10,000 tensors are 79 programs, not 79 rounds of
+    one."""
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    live = t < n_tensors * live_count(1, found_inf, HAS_INF)
+    step = advance_steps(tmeta, t, live)
+    grp = tl.load(tmeta + t * TMETA_WIDTH + T_GROUP, mask=live, other=0)
+    h = hyper + grp * HYPER_WIDTH
+    lr = tl.load(glr + grp, mask=live, other=0.0)
+    alpha = tl.load(h + H_ALPHA, mask=live, other=0.0)
+    maximize = tl.load(h + H_MAXIMIZE, mask=live, other=0.0)
+    s = scal + t * SCAL_WIDTH
+    tl.store(s + S_LR, lr.to(tl.float32), mask=live)
+    tl.store(s + S_ALPHA, alpha.to(tl.float32), mask=live)
+    tl.store(s + S_W, (1.0 - alpha).to(tl.float32), mask=live)
+    tl.store(s + S_EPS, tl.load(h + H_EPS, mask=live, other=0.0).to(tl.float32), mask=live)
+    tl.store(s + S_WD, tl.load(h + H_WD, mask=live, other=0.0).to(tl.float32), mask=live)
+    tl.store(
+        s + S_MOMENTUM, tl.load(h + H_MOMENTUM, mask=live, other=0.0).to(tl.float32), mask=live
     )
-    n_tensors = n_tensors * active
-    for t0 in range(0, n_tensors, BLOCK_T):
-        t = t0 + tl.arange(0, BLOCK_T)
-        live = t < n_tensors
-        step = advance_steps(tmeta, t, live)
-        grp = tl.load(tmeta + t * TMETA_WIDTH + T_GROUP, mask=live, other=0)
-        h = hyper + grp * HYPER_WIDTH
-        lr = tl.load(glr + grp, mask=live, other=0.0)
-        alpha = tl.load(h + H_ALPHA, mask=live, other=0.0)
-        maximize = tl.load(h + H_MAXIMIZE, mask=live, other=0.0)
-        s = scal + t * SCAL_WIDTH
-        tl.store(s + S_LR, lr.to(tl.float32), mask=live)
-        tl.store(s + S_ALPHA, alpha.to(tl.float32), mask=live)
-        tl.store(s + S_W, (1.0 - alpha).to(tl.float32), mask=live)
-        tl.store(s + S_EPS, tl.load(h + H_EPS, mask=live, other=0.0).to(tl.float32), mask=live)
-        tl.store(s + S_WD, tl.load(h + H_WD, mask=live, other=0.0).to(tl.float32), mask=live)
-        tl.store(
-            s + S_MOMENTUM, tl.load(h + H_MOMENTUM, mask=live, other=0.0).to(tl.float32), mask=live
-        )
-        tl.store(s + S_SIGN, tl.where(maximize != 0.0, -1.0, 1.0).to(tl.float32), mask=live)
-        tl.store(
-            s + S_CENTERED, tl.load(h + H_CENTERED, mask=live, other=0.0).to(tl.float32), mask=live
-        )
-        tl.store(s + S_SEED, step.to(tl.float32), mask=live)
+    tl.store(s + S_SIGN, tl.where(maximize != 0.0, -1.0, 1.0).to(tl.float32), mask=live)
+    tl.store(
+        s + S_CENTERED, tl.load(h + H_CENTERED, mask=live, other=0.0).to(tl.float32), mask=live
+    )
+    tl.store(s + S_SEED, step.to(tl.float32), mask=live)
 
 
 @triton.jit

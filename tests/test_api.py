@@ -217,8 +217,9 @@ class _LaunchCounter:
 @pytest.mark.triton
 @pytest.mark.parametrize("cls", ["AdamW", "RMSprop"])
 def test_one_launch_per_dtype_bucket(cls, monkeypatch):
-    """Many tensors in several groups with different options: one prologue launch plus one main
-    launch per dtype, counted at Triton's own launch entry point."""
+    """Many tensors in several groups with different options: the two prologue launches (the
+    groups' one program, then a grid over the tensors) plus one main launch per dtype, counted at
+    Triton's own launch entry point."""
     if backends.unavailable("triton", "cpu"):
         pytest.skip(backends.unavailable("triton", "cpu"))
     f32 = clone_params(make_params([(3,)] * 40 + [(1030,), (0,)]))
@@ -237,14 +238,40 @@ def test_one_launch_per_dtype_bucket(cls, monkeypatch):
         set_grads(f32 + b16, grads(k, f32 + b16))
         counter.launches.clear()
         opt.step()
-        assert len(counter.launches) == 3, counter.launches  # prologue + fp32 + bf16
+        assert len(counter.launches) == 4, counter.launches  # 2 prologues + fp32 + bf16
     only_empty = clone_params(make_params([(0,)]))
     opt = getattr(fusedopt, cls)(only_empty, backend="triton")
     set_grads(only_empty, grads(0, only_empty))
     counter.launches.clear()
     opt.step()
-    assert len(counter.launches) == 1  # the step still advances; nothing to stream
+    assert len(counter.launches) == 2  # the step still advances; nothing to stream
     assert float(opt.state[only_empty[0]]["step"]) == 1
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("cls", ["AdamW", "RMSprop"])
+def test_tensor_prologue_grid_covers_every_tensor(cls):
+    """More tensors than one program of the per-tensor prologue takes (PROLOGUE_BLOCK, 128), in
+    two groups: every tensor's step and scalars come from the right program and group, as
+    torch.optim computes them."""
+    if backends.unavailable("triton", "cpu"):
+        pytest.skip(backends.unavailable("triton", "cpu"))
+    from fusedopt.kernels.multi_tensor import PROLOGUE_BLOCK
+
+    init = make_params([(2,)] * (2 * PROLOGUE_BLOCK + 44))
+    params, ref = clone_params(init), clone_params(init)
+    split = PROLOGUE_BLOCK + 7  # the second group starts inside the second program
+    groups = lambda ps: [dict(params=ps[:split]), dict(params=ps[split:], lr=3e-3)]
+    opt = getattr(fusedopt, cls)(groups(params), lr=1e-2, backend="triton")
+    ropt = getattr(torch.optim, cls)(groups(ref), lr=1e-2, foreach=False)
+    for k in range(3):
+        gs = grads(k, ref)
+        set_grads(params, gs)
+        set_grads(ref, gs)
+        opt.step()
+        ropt.step()
+    assert all(float(opt.state[p]["step"]) == 3 for p in params)
+    assert_same(ropt, ref, opt, params)
 
 
 @pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=pytest.mark.triton)])

@@ -20,14 +20,11 @@ from fusedopt.kernels import adam, multi_tensor, rmsprop
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import kernel_report  # noqa: E402
 
-PROLOGUE_SIG = {
-    "tmeta": "*i64",
-    "n_tensors": "i32",
+GROUPS_SIG = {
     "hyper": "*fp64",
     "gptr": "*i64",
     "glr": "*fp64",
     "n_groups": "i32",
-    "scal": "*fp32",
     "partials": "*fp32",
     "n_partials": "i32",
     "clip": "*fp32",
@@ -35,6 +32,16 @@ PROLOGUE_SIG = {
     "found_inf": "*fp32",
     "HAS_INF": "constexpr",
     "CLIP": "constexpr",
+    "BLOCK": "constexpr",
+}
+PROLOGUE_SIG = {
+    "tmeta": "*i64",
+    "n_tensors": "i32",
+    "hyper": "*fp64",
+    "glr": "*fp64",
+    "scal": "*fp32",
+    "found_inf": "*fp32",
+    "HAS_INF": "constexpr",
     "BLOCK_T": "constexpr",
 }
 MAIN_SIG = {
@@ -94,13 +101,15 @@ def _main_flags(precision, amp):
 
 def variants():
     for amp in AMP:
-        flags = {
+        groups = {
             "HAS_INF": amp["HAS_INF"],
             "CLIP": amp["CLIP"],
-            "BLOCK_T": multi_tensor.PROLOGUE_BLOCK,
+            "BLOCK": multi_tensor.PROLOGUE_BLOCK,
         }
-        yield f"adam_prologue[{amp['CLIP']}]", adam._adam_prologue, PROLOGUE_SIG, flags
-        yield f"rmsprop_prologue[{amp['CLIP']}]", rmsprop._rmsprop_prologue, PROLOGUE_SIG, flags
+        yield f"groups_prologue[{amp['CLIP']}]", multi_tensor._groups_prologue, GROUPS_SIG, groups
+        flags = {"HAS_INF": amp["HAS_INF"], "BLOCK_T": multi_tensor.PROLOGUE_BLOCK}
+        yield f"adam_prologue[{amp['HAS_INF']}]", adam._adam_prologue, PROLOGUE_SIG, flags
+        yield f"rmsprop_prologue[{amp['HAS_INF']}]", rmsprop._rmsprop_prologue, PROLOGUE_SIG, flags
         for dtype in multi_tensor.TL_DTYPE.values():
             yield (
                 f"sumsq[{dtype},{amp['HAS_SCALE']}]",
