@@ -63,6 +63,10 @@ LAUNCH_OPTIONS = {"enable_fp_fusion": False}
 # Prologues: the group half is one program looping over groups this many at a time; the tensor
 # half a grid of programs of this many tensors each.
 PROLOGUE_BLOCK = 128
+# Clipping: the first stage of the norm's reduction adds this many chunk sums per program, this
+# many at a time.
+CLIP_PER_PROGRAM = 4096
+CLIP_BLOCK = 1024
 
 
 @triton.jit
@@ -239,10 +243,25 @@ def grad_in(
 
 
 @triton.jit
+def _clip_partials(partials, n_partials, sums, PER_PROGRAM: tl.constexpr, BLOCK: tl.constexpr):
+    """The clipping reduction's first stage, a grid: program k adds the chunks' sums of squares
+    k*PER_PROGRAM to (k+1)*PER_PROGRAM in float64, always in the same order, into sums[k]. The
+    group prologue adds those (resolve_clip). One program over every partial took about 250 us
+    at 30,000 chunks (predicted; benchmarks/NOTES-gpu-performance.md)."""
+    pid = tl.program_id(0).to(tl.int64)
+    acc = tl.zeros((BLOCK,), tl.float64)
+    for i in tl.static_range(PER_PROGRAM // BLOCK):
+        c = pid * PER_PROGRAM + i * BLOCK + tl.arange(0, BLOCK)
+        acc += tl.load(partials + c, mask=c < n_partials, other=0.0).to(tl.float64)
+    tl.store(sums + pid, tl.sum(acc, axis=0))
+
+
+@triton.jit
 def resolve_clip(partials, n_partials, clip, max_norm, live, BLOCK: tl.constexpr):
-    """Global grad norm from the per-chunk sums of squares (added in a fixed order: the result does
-    not depend on scheduling), and torch's clip coefficient min(1, max_norm / (norm + 1e-6)).
-    Nothing is written when ``live`` is 0 (a skipped step keeps the last norm)."""
+    """Global grad norm from ``partials``, the float64 sums of _clip_partials (one per
+    CLIP_PER_PROGRAM chunks), added in a fixed order: the result does not depend on scheduling;
+    and torch's clip coefficient min(1, max_norm / (norm + 1e-6)). Nothing is written when
+    ``live`` is 0 (a skipped step keeps the last norm)."""
     acc = tl.zeros((BLOCK,), tl.float64)
     for c0 in range(0, n_partials, BLOCK):
         c = c0 + tl.arange(0, BLOCK)
@@ -357,13 +376,24 @@ def run_step(tables, amp, prologue, main, **flags):
                 DTYPE=TL_DTYPE[bucket.grad],
                 **opts,
             )
+    n_sums = max(1, triton.cdiv(tables.n_chunks, CLIP_PER_PROGRAM))
+    sums = tables._buffer("clip_sums", (n_sums,), torch.float64)  # kept as the tables are
+    if clip:
+        _clip_partials[(n_sums,)](
+            tables.partials,
+            tables.n_chunks,
+            sums,
+            PER_PROGRAM=CLIP_PER_PROGRAM,
+            BLOCK=CLIP_BLOCK,
+            **LAUNCH_OPTIONS,
+        )
     _groups_prologue[(1,)](
         tables.hyper,
         tables.gptr,
         tables.glr,
         tables.hyper.shape[0],
-        tables.partials,
-        tables.n_chunks,
+        sums,
+        n_sums,
         tables.clip,
         float(max_norm or 0.0),
         inf,

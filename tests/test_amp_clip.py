@@ -6,6 +6,7 @@ from conftest import backend_device_params
 from parity import FP32, assert_same, clone_params, grads, make_params
 
 import fusedopt
+from fusedopt import backends
 
 BACKENDS = backend_device_params()
 
@@ -176,3 +177,31 @@ def test_skipped_step_after_rebuild_keeps_last_norm(backend, device, rebuild, re
     opt.step()
     assert [float(opt.state[p]["step"]) for p in params if p in opt.state] == steps
     assert float(opt.last_grad_norm) == float(norm)
+
+
+@pytest.mark.triton
+def test_triton_clip_reduction_stage_one_over_many_programs():
+    """The first stage of the Triton clipping reduction (multi_tensor._clip_partials), over more
+    chunk sums than one program takes: every program adds its own fixed range, in float64, and
+    the stage-two sum of its results equals the float64 sum of all chunk sums; the same bits on
+    every run (a fixed order, whatever the scheduling)."""
+    if backends.unavailable("triton", "cpu"):
+        pytest.skip(backends.unavailable("triton", "cpu"))
+    import triton  # noqa: PLC0415
+
+    from fusedopt.kernels import multi_tensor as mt  # noqa: PLC0415
+
+    n = 2 * mt.CLIP_PER_PROGRAM + 123  # three programs, the last one partly masked
+    partials = torch.rand(n, generator=torch.Generator().manual_seed(0)) * 100
+    runs = []
+    for _ in range(2):
+        sums = torch.full((triton.cdiv(n, mt.CLIP_PER_PROGRAM),), float("nan"), dtype=torch.float64)
+        mt._clip_partials[(sums.numel(),)](
+            partials, n, sums, PER_PROGRAM=mt.CLIP_PER_PROGRAM, BLOCK=mt.CLIP_BLOCK
+        )
+        runs.append(sums)
+    assert torch.equal(runs[0], runs[1])
+    per_program = partials.double().split(mt.CLIP_PER_PROGRAM)
+    expected = torch.stack([p.sum() for p in per_program])
+    # float64 sums of float32 values: exact to about 1e-16 relative, whatever the order
+    torch.testing.assert_close(runs[0], expected, rtol=1e-14, atol=0)

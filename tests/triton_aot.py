@@ -25,13 +25,20 @@ GROUPS_SIG = {
     "gptr": "*i64",
     "glr": "*fp64",
     "n_groups": "i32",
-    "partials": "*fp32",
+    "partials": "*fp64",
     "n_partials": "i32",
     "clip": "*fp32",
     "max_norm": "fp32",
     "found_inf": "*fp32",
     "HAS_INF": "constexpr",
     "CLIP": "constexpr",
+    "BLOCK": "constexpr",
+}
+CLIP_PARTIALS_SIG = {
+    "partials": "*fp32",
+    "n_partials": "i32",
+    "sums": "*fp64",
+    "PER_PROGRAM": "constexpr",
     "BLOCK": "constexpr",
 }
 PROLOGUE_SIG = {
@@ -107,6 +114,12 @@ def variants():
             "BLOCK": multi_tensor.PROLOGUE_BLOCK,
         }
         yield f"groups_prologue[{amp['CLIP']}]", multi_tensor._groups_prologue, GROUPS_SIG, groups
+        if amp["CLIP"]:
+            reduce = {
+                "PER_PROGRAM": multi_tensor.CLIP_PER_PROGRAM,
+                "BLOCK": multi_tensor.CLIP_BLOCK,
+            }
+            yield "clip_partials", multi_tensor._clip_partials, CLIP_PARTIALS_SIG, reduce
         flags = {"HAS_INF": amp["HAS_INF"], "BLOCK_T": multi_tensor.PROLOGUE_BLOCK}
         yield f"adam_prologue[{amp['HAS_INF']}]", adam._adam_prologue, PROLOGUE_SIG, flags
         yield f"rmsprop_prologue[{amp['HAS_INF']}]", rmsprop._rmsprop_prologue, PROLOGUE_SIG, flags
