@@ -15,7 +15,8 @@ not of accesses executed.
     python3 benchmarks/kernel_report.py [--triton-only | --cuda-only] [--arch 90]
 
 needs Triton's bundled nvdisasm and cuobjdump (every Triton wheel for NVIDIA has them) and, for
-the CUDA part, nvcc. tests/test_kernel_report.py runs the same analysis in CI.
+the CUDA part, nvcc. CI runs the same analysis: tests/test_triton_compile.py (through
+tests/triton_aot.py) and tests/test_cuda_compile.py.
 """
 
 import argparse
@@ -158,16 +159,21 @@ def cuda_rows(arch=90, objects=None):
     return rows
 
 
+# What torch's CUDAExtension defines: the kernels must not rely on implicit half/bf16 conversions
+# (tests/test_cuda_compile.py compiles with these too).
+TORCH_DEFINES = (
+    "-D__CUDA_NO_HALF_OPERATORS__",
+    "-D__CUDA_NO_HALF_CONVERSIONS__",
+    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+    "-D__CUDA_NO_HALF2_OPERATORS__",
+)
 CUDA_FLAGS = [
     "-std=c++17",
     "-O3",
     "-fmad=false",
     "-I",
     str(ROOT / "csrc" / "include"),
-    "-D__CUDA_NO_HALF_OPERATORS__",
-    "-D__CUDA_NO_HALF_CONVERSIONS__",
-    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
-    "-D__CUDA_NO_HALF2_OPERATORS__",
+    *TORCH_DEFINES,
 ]
 
 
