@@ -22,6 +22,7 @@ from .multi_tensor import (
     T_S1,
     T_S2,
     T_SHADOW,
+    TAIL_SPLIT,
     TMETA_WIDTH,
     advance_steps,
     block_mask,
@@ -163,11 +164,13 @@ def _adam_main(
             )  # fmt: skip
     else:
         # a tensor's tail, or a tensor not 16-byte aligned: masked scalar accesses, in a loop
-        # (unrolled, as the whole path is, it would hold up to 155 registers: 4 warps, fp32)
-        for i in range(ITERS):
+        # (unrolled, as the whole path is, it would hold up to 155 registers: 4 warps, fp32), a
+        # part of a block at a time (multi_tensor.TAIL_SPLIT)
+        for i in range(ITERS * TAIL_SPLIT):
             _adam_block(
                 p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, shadow_ptr,
-                start + i * BLOCK + tl.arange(0, BLOCK), numel, ams_on,
+                start + i * (BLOCK // TAIL_SPLIT) + tl.arange(0, BLOCK // TAIL_SPLIT), numel,
+                ams_on,
                 t, seed, step_size, bc2_sqrt, p_mul, g_wd, w1, beta2, w2, eps, sign,
                 grad_scale, clip, DTYPE, GDTYPE, SDTYPE, SHADOW, SR, HAS_SCALE, CLIP,
                 HAS_AMSGRAD, True,

@@ -60,6 +60,11 @@ CHUNK = BLOCK * ITERS
 # 3.9 fuses 32 more multiply-adds into the fp32 AdamW pass on sm_90, e.g. ``buf*momentum + g/avg``,
 # which torch computes in two rounded steps).
 LAUNCH_OPTIONS = {"enable_fp_fusion": False}
+# The main passes' masked path (a tensor's tail, a view not 16-byte aligned) goes 1/TAIL_SPLIT of
+# a block at a time. Its scalar accesses hold every element in a register of its own, 16-bit ones
+# too, so at a whole block that path set the kernel's register count (sm_90: bf16 AdamW 87, bf16
+# RMSprop up to 104, fp32 masters up to 128; at half a block 48, 65 and 89, no spills).
+TAIL_SPLIT = tl.constexpr(2)
 # Prologues: the group half is one program looping over groups this many at a time; the tensor
 # half a grid of programs of this many tensors each.
 PROLOGUE_BLOCK = 128

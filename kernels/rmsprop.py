@@ -23,6 +23,7 @@ from .multi_tensor import (
     T_S1,
     T_S2,
     T_SHADOW,
+    TAIL_SPLIT,
     TMETA_WIDTH,
     advance_steps,
     block_mask,
@@ -152,11 +153,14 @@ def _rmsprop_main(
                 DTYPE, GDTYPE, SDTYPE, SHADOW, SR, HAS_SCALE, CLIP, HAS_CENTERED, HAS_MOMENTUM,
                 False,
             )  # fmt: skip
-    else:  # a tensor's tail, or a tensor not 16-byte aligned: masked scalar accesses
-        for i in tl.static_range(ITERS):
+    else:
+        # a tensor's tail, or a tensor not 16-byte aligned: masked scalar accesses, a part of a
+        # block at a time (multi_tensor.TAIL_SPLIT), unrolled (as a loop it spilled)
+        for i in tl.static_range(ITERS * TAIL_SPLIT):
             _rmsprop_block(
                 p_ptr, g_ptr, sq_ptr, buf_ptr, ga_ptr, shadow_ptr,
-                start + i * BLOCK + tl.arange(0, BLOCK), numel, centered_on, momentum_on,
+                start + i * (BLOCK // TAIL_SPLIT) + tl.arange(0, BLOCK // TAIL_SPLIT), numel,
+                centered_on, momentum_on,
                 t, seed, lr, alpha, w, eps, wd, momentum, sign, grad_scale, clip,
                 DTYPE, GDTYPE, SDTYPE, SHADOW, SR, HAS_SCALE, CLIP, HAS_CENTERED, HAS_MOMENTUM,
                 True,

@@ -134,14 +134,28 @@ def test_main_kernels_use_128_bit_accesses_at_sm90(compiled):
     if shutil.which("cuobjdump") is None and kernel_report._triton_tool("cuobjdump") is None:
         pytest.skip("no cuobjdump (CUDA toolkit or Triton's) to read the SASS with")
     seen = 0
+    wide = {}  # 64-bit accesses of each main kernel, by (kernel, bucket, template flags)
     for _src, res, _, obj in compiled:
         assert res.returncode == 0, res.stderr[-3000:]
-        for name, _regs, _stack, acc in kernel_report.cuda_object_kernels(obj, 90):
+        for name, regs, _stack, acc in kernel_report.cuda_object_kernels(obj, 90):
             assert acc["local"] == 0, (name, acc)
             if "main_kernel" in name or "sumsq" in name:
                 seen += 1
                 assert acc["128"] > 0, f"{name}: no 128-bit access: {dict(acc)}"
+            if "main_kernel" in name:
+                assert regs <= 72, (name, regs)  # 32-66 when written (kernel_report)
+                kernel, rest = name.split("<Bucket<", 1)
+                bucket, flags = rest.split(">", 1)
+                wide[kernel, bucket, flags] = acc["64"]
     assert seen == sum(KERNELS_PER_ARCH.values()) - 2  # all but the two prologues
+    # 16 bytes per access for every array of every bucket, mixed ones too (kVec: 16 bytes of the
+    # narrowest dtype): 64-bit accesses are the tables' int64 reads only, as many as the fp32
+    # bucket's with the same flags, plus one for a master's shadow address. With kVec sized by
+    # the widest dtype (before), a bf16 array beside fp32 ones moved 8 bytes: 10-18 against 6-8.
+    assert wide
+    for (kernel, bucket, flags), n in wide.items():
+        fp32 = wide[kernel, "f32, f32, f32, false", flags]
+        assert n <= fp32 + 1, f"{kernel}<{bucket}>{flags}: {n} 64-bit accesses, fp32 {fp32}"
 
 
 def test_launchers_header_is_self_contained(tmp_path):

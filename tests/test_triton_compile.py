@@ -53,4 +53,10 @@ def test_kernels_compile_for_nvidia_targets():
         if plain and r["dtypes"][0] == "fp32":
             assert r["regs"] <= 64, r  # 38-59 when written (benchmarks/results/kernel_report_*)
         elif plain:
-            assert r["regs"] <= 104, r  # 16-bit: 8 elements per thread per array
+            # 16-bit: 8 elements per thread per array; 47-65 when written, 70-104 before the
+            # masked path went half a block at a time (multi_tensor.TAIL_SPLIT)
+            assert r["regs"] <= 72, r
+        else:
+            # mixed (fp32 masters, state or grads of another width): the fp32 arrays at 8 per
+            # thread on the 128-bit path; 60-89 when written (87-128 before TAIL_SPLIT)
+            assert r["regs"] <= 96, r

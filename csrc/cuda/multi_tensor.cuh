@@ -166,10 +166,11 @@ constexpr int bucket_code(int param, int grad, int state, bool shadow, bool stoc
 // there is one), the grads G, the state S. A master (P != G: a grad always has its model
 // parameter's dtype) is rounded into the model's parameter, the shadow (tmeta's T_SHADOW, of
 // type G); STOCHASTIC: the (bf16) parameter is stored with stochastic rounding.
-// kVec: elements per thread and step of the vector path, one 128-bit access of the widest type
-// (narrower types: one naturally aligned 64- or 32-bit access), which keeps registers at what a
-// single-dtype kernel of the widest type needs (16 / the narrowest size, i.e. two 128-bit accesses
-// per fp32 array, cost 8 to 20 more registers per thread in ptxas, sm_90).
+// kVec: elements per thread and step of the vector path, one 128-bit access of the narrowest type
+// (8 for a bucket with any 16-bit array), so every array moves 16 bytes per access; an fp32 array
+// beside bf16 ones takes two. Sized by the widest type instead, a bf16 array beside fp32 ones
+// moved 8 bytes per access, for 8 to 20 fewer registers (ptxas, sm_90: 38-66 now, no spills;
+// benchmarks/results/kernel_report_*).
 template <typename P, typename G, typename S, bool STOCHASTIC = false>
 struct Bucket {
   using Param = P;
@@ -179,10 +180,10 @@ struct Bucket {
   static constexpr bool kStochastic = STOCHASTIC;
   static constexpr int kCode = bucket_code(dtype_code<P>(), dtype_code<G>(), dtype_code<S>(),
                                            kShadow, STOCHASTIC);
-  static constexpr size_t kWidest = sizeof(P) > sizeof(G)
-                                        ? (sizeof(P) > sizeof(S) ? sizeof(P) : sizeof(S))
-                                        : (sizeof(G) > sizeof(S) ? sizeof(G) : sizeof(S));
-  static constexpr int kVec = 16 / kWidest;
+  static constexpr size_t kNarrowest = sizeof(P) < sizeof(G)
+                                           ? (sizeof(P) < sizeof(S) ? sizeof(P) : sizeof(S))
+                                           : (sizeof(G) < sizeof(S) ? sizeof(G) : sizeof(S));
+  static constexpr int kVec = 16 / kNarrowest;
   static_assert(!STOCHASTIC || std::is_same<P, __nv_bfloat16>::value,
                 "stochastic rounding stores bf16 parameters");
   static_assert(!kShadow || std::is_same<P, float>::value, "a master is fp32");
