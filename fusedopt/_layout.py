@@ -65,6 +65,24 @@ RMSPROP_SCAL = ("lr", "alpha", "w", "eps", "weight_decay", "momentum", "sign", "
 # global grad norm (for logging)
 CLIP_COEF, CLIP_NORM = 0, 1
 
+# clipping's float32 partials buffer [partials_numel(n_chunks)]: one sum of squares per chunk, then
+# (from an even index: 8-byte aligned) one float64 per CLIP_PER_BLOCK chunks, the first stage of
+# the norm's reduction; the prologue adds those (layout.h, the same functions)
+CLIP_PER_BLOCK = 4096
+
+
+def clip_stage_blocks(n_chunks):
+    return max(1, -(-n_chunks // CLIP_PER_BLOCK))
+
+
+def clip_stage_offset(n_chunks):
+    return max(2, (n_chunks + 1) // 2 * 2)
+
+
+def partials_numel(n_chunks):
+    return clip_stage_offset(n_chunks) + 2 * clip_stage_blocks(n_chunks)
+
+
 # dtype codes of the native kernels
 DTYPE_CODES = {"float32": 0, "bfloat16": 1, "float16": 2}
 

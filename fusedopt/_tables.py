@@ -53,7 +53,7 @@ class DeviceTables:
         self.captured = False  # a CUDA graph has captured a step over these tables
         self.tmeta = self.grads = self.chunks = self.scal = None
         self.hyper = self.gptr = self.glr = None
-        self.partials = self.clip = None
+        self.partials = self.clip = self.clip_stage = None
         self.n_chunks = 0
         self.bucket_chunks = []  # (Bucket, chunk table view) per bucket with at least one chunk
         self.bucket_codes = []  # their codes (_layout.bucket_code), as the native ops take them
@@ -272,8 +272,12 @@ class DeviceTables:
 
     def _bucket_ranges(self, buckets, numels):
         self.n_chunks = self.chunks.shape[0]
-        # clipping: one sum of squares per chunk
-        self.partials = self._buffer("partials", (max(1, self.n_chunks),), torch.float32)
+        # clipping: one sum of squares per chunk, then the float64 sums of the reduction's first
+        # stage (layout.h's partials_numel)
+        n = L.partials_numel(self.n_chunks)
+        self.partials = self._buffer("partials", (n,), torch.float32)
+        start = L.clip_stage_offset(self.n_chunks)
+        self.clip_stage = self.partials[start:n].view(torch.float64)
         self.bucket_chunks = []
         self.bucket_offsets = [0]  # chunk-list offsets of the buckets in bucket_chunks, and the end
         ends = torch.cumsum(self._counts(numels), 0).tolist()

@@ -68,9 +68,9 @@ TAIL_SPLIT = tl.constexpr(2)
 # Prologues: the group half is one program looping over groups this many at a time; the tensor
 # half a grid of programs of this many tensors each.
 PROLOGUE_BLOCK = 128
-# Clipping: the first stage of the norm's reduction adds this many chunk sums per program, this
-# many at a time.
-CLIP_PER_PROGRAM = 4096
+# Clipping: the first stage of the norm's reduction adds this many chunk sums per program (the
+# CUDA kernels' too: layout.h), this many at a time.
+CLIP_PER_PROGRAM = L.CLIP_PER_BLOCK
 CLIP_BLOCK = 1024
 
 
@@ -381,8 +381,8 @@ def run_step(tables, amp, prologue, main, **flags):
                 DTYPE=TL_DTYPE[bucket.grad],
                 **opts,
             )
-    n_sums = max(1, triton.cdiv(tables.n_chunks, CLIP_PER_PROGRAM))
-    sums = tables._buffer("clip_sums", (n_sums,), torch.float64)  # kept as the tables are
+    sums = tables.clip_stage  # the tail of partials (layout.h's partials_numel)
+    n_sums = sums.numel()
     if clip:
         _clip_partials[(n_sums,)](
             tables.partials,

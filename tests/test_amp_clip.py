@@ -6,6 +6,7 @@ from conftest import backend_device_params
 from parity import FP32, assert_same, clone_params, grads, make_params
 
 import fusedopt
+from fusedopt import _layout as L
 from fusedopt import backends
 
 BACKENDS = backend_device_params()
@@ -126,6 +127,36 @@ def test_gradscaler_with_clipping(backend, device, require_backend):
     opt = fusedopt.AdamW(ours, lr=1e-2, backend=backend, max_grad_norm=20.0)
     _amp_steps(ropt, ref, _scaler(device), device, 6, inf_at=2, clip=20.0)
     _amp_steps(opt, ours, _scaler(device), device, 6, inf_at=2)
+    assert_same(ropt, ref, opt, ours)
+
+
+# Triton on the CPU is left out: 4,200 interpreted programs per pass take minutes; its first stage
+# over several programs is test_triton_clip_reduction_stage_one_over_many_programs
+MANY_CHUNKS = [p for p in backend_device_params(("cpu", "cuda", "triton")) if p.id != "triton-cpu"]
+
+
+@pytest.mark.parametrize("backend,device", MANY_CHUNKS)
+def test_clipping_over_more_chunks_than_one_stage_block(backend, device, require_backend):
+    """More chunks than one block of the clipping reduction's first stage adds (layout.h's
+    CLIP_PER_BLOCK, 4,096; one chunk per tensor here), and more tensors than one prologue block:
+    the norm and the step match clip_grad_norm_ and torch.optim, in two groups."""
+    require_backend(backend, device)
+    n = L.CLIP_PER_BLOCK + 104
+    init = make_params([(3,)] * n, device=device)
+    ref, ours = clone_params(init), clone_params(init)
+    split = n // 3
+    groups = lambda ps: [dict(params=ps[:split]), dict(params=ps[split:], lr=3e-3)]
+    ropt = torch.optim.AdamW(groups(ref), lr=1e-2, foreach=False)
+    opt = fusedopt.AdamW(groups(ours), lr=1e-2, backend=backend, max_grad_norm=1.0)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(2):
+        for a, b in zip(ref, ours):
+            a.grad = torch.randn(3, generator=gen).to(device)
+            b.grad = a.grad.clone()
+        norm = torch.nn.utils.clip_grad_norm_(ref, 1.0)  # about 112: clipped
+        ropt.step()
+        opt.step()
+        torch.testing.assert_close(opt.last_grad_norm.cpu(), norm.cpu(), rtol=2e-6, atol=0)
     assert_same(ropt, ref, opt, ours)
 
 

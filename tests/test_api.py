@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from conftest import backend_device_params
 from parity import (
     assert_same,
     assert_unchanged,
@@ -248,21 +249,23 @@ def test_one_launch_per_dtype_bucket(cls, monkeypatch):
     assert float(opt.state[only_empty[0]]["step"]) == 1
 
 
-@pytest.mark.triton
+@pytest.mark.parametrize("backend,device", backend_device_params(("triton", "cuda")))
 @pytest.mark.parametrize("cls", ["AdamW", "RMSprop"])
-def test_tensor_prologue_grid_covers_every_tensor(cls):
-    """More tensors than one program of the per-tensor prologue takes (PROLOGUE_BLOCK, 128), in
-    two groups: every tensor's step and scalars come from the right program and group, as
+def test_tensor_prologue_grid_covers_every_tensor(backend, device, cls, require_backend):
+    """More tensors than one program of the per-tensor prologue takes (Triton's PROLOGUE_BLOCK,
+    128; CUDA's kPrologueBlock, 256, beyond which a grid follows the groups' block), in two
+    groups: every tensor's step and scalars come from the right program and group, as
     torch.optim computes them."""
-    if backends.unavailable("triton", "cpu"):
-        pytest.skip(backends.unavailable("triton", "cpu"))
-    from fusedopt.kernels.multi_tensor import PROLOGUE_BLOCK
-
-    init = make_params([(2,)] * (2 * PROLOGUE_BLOCK + 44))
+    require_backend(backend, device)
+    if backend == "triton":
+        from fusedopt.kernels.multi_tensor import PROLOGUE_BLOCK as block
+    else:
+        block = 256  # csrc/cuda/multi_tensor.cuh's kPrologueBlock
+    init = make_params([(2,)] * (2 * block + 44), device=device)
     params, ref = clone_params(init), clone_params(init)
-    split = PROLOGUE_BLOCK + 7  # the second group starts inside the second program
+    split = block + 7  # the second group starts inside the second program (block)
     groups = lambda ps: [dict(params=ps[:split]), dict(params=ps[split:], lr=3e-3)]
-    opt = getattr(fusedopt, cls)(groups(params), lr=1e-2, backend="triton")
+    opt = getattr(fusedopt, cls)(groups(params), lr=1e-2, backend=backend)
     ropt = getattr(torch.optim, cls)(groups(ref), lr=1e-2, foreach=False)
     train(opt, params, 3)
     train(ropt, ref, 3)  # the same grads: they depend on the step and the shapes only

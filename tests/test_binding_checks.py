@@ -333,7 +333,14 @@ CASES = [
         "adam",
         "partials-short-clipping",
         _clipping(_set("partials", lambda t: t[:4])),
-        r"clipping needs one partial sum per chunk \(5\); partials has 4",
+        rf"clipping needs one partial sum per chunk \(5\) and the reduction's first stage: "
+        rf"{L.partials_numel(5)} floats .*; partials has 4",
+    ),
+    (
+        "adam",
+        "partials-without-first-stage",  # a sum per chunk, no room for the stage's float64s
+        _clipping(_set("partials", lambda t: t[:5])),
+        rf"first stage: {L.partials_numel(5)} floats .*; partials has 5",
     ),
     (
         "adam",

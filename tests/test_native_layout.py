@@ -52,6 +52,7 @@ def test_header_matches_python_layout():
         "BUCKET_SHADOW_BIT": L.BUCKET_SHADOW_BIT,
         "BUCKET_STOCHASTIC_BIT": L.BUCKET_STOCHASTIC_BIT,
         "CLIP_NORM": L.CLIP_NORM,
+        "CLIP_PER_BLOCK": L.CLIP_PER_BLOCK,
         "DTYPE_FLOAT32": L.DTYPE_CODES["float32"],
         "DTYPE_BFLOAT16": L.DTYPE_CODES["bfloat16"],
         "DTYPE_FLOAT16": L.DTYPE_CODES["float16"],

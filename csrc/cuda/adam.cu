@@ -19,18 +19,13 @@ namespace fusedopt {
 namespace cuda {
 namespace {
 
-__global__ void __launch_bounds__(kPrologueBlock)
-    adam_prologue_kernel(const int64_t* tmeta, int64_t n_tensors, const double* hyper,
-                         const int64_t* gptr, double* glr, int64_t n_groups, float* scal,
-                         const float* found_inf, ClipArgs clip) {
-  if (!prologue_common(hyper, gptr, glr, n_groups, found_inf, clip)) return;
-  for (int64_t t = threadIdx.x; t < n_tensors; t += blockDim.x) {
-    const int64_t* row = tmeta + t * TMETA_WIDTH;
-    const int64_t step = advance_step(row);
-    const int64_t grp = row[T_GROUP];
-    adam_scalars(hyper + grp * HYPER_WIDTH, glr[grp], step, scal + t * SCAL_WIDTH);
+// The optimizer's part of the prologue (multi_tensor.cuh's launch_prologue).
+struct AdamScalars {
+  __device__ __forceinline__ static void write(const double* h, double lr, int64_t step,
+                                               float* s) {
+    adam_scalars(h, lr, step, s);
   }
-}
+};
 
 // One tensor's update over a chunk: its pointers and the prologue's scalars.
 template <typename B, bool HAS_AMSGRAD, bool HAS_SCALE>
@@ -157,11 +152,9 @@ extern "C" int fusedopt_cuda_adam_prologue(const int64_t* tmeta, int64_t n_tenso
                                            const float* partials, int64_t n_partials,
                                            float max_norm, bool clip, float* clip_buf,
                                            void* stream) {
-  using namespace fusedopt::cuda;
-  const ClipArgs clip_args{partials, n_partials, max_norm, clip ? clip_buf : nullptr};
-  adam_prologue_kernel<<<1, kPrologueBlock, 0, static_cast<cudaStream_t>(stream)>>>(
-      tmeta, n_tensors, hyper, gptr, glr, n_groups, scal, found_inf, clip_args);
-  return cudaGetLastError();
+  return fusedopt::cuda::launch_prologue<fusedopt::cuda::AdamScalars>(
+      tmeta, n_tensors, hyper, gptr, glr, n_groups, scal, found_inf, partials, n_partials,
+      max_norm, clip, clip_buf, static_cast<cudaStream_t>(stream));
 }
 
 extern "C" int fusedopt_cuda_adam_main(const int64_t* tmeta, const int64_t* grads,

@@ -66,8 +66,9 @@ void check_args(const fusedopt::StepArgs& a) {
 }
 
 // One step, on one stream and without a host sync (found_inf stays on the device; each kernel
-// reads it): with clipping, the sum-of-squares pass per bucket; the prologue (which also reduces
-// the partials to the clip coefficient); the update per bucket.
+// reads it): with clipping, the sum-of-squares pass per bucket and the reduction's first stage;
+// the prologue (which also adds the stage's sums into the clip coefficient); the update per
+// bucket.
 // prologue(found_inf, partials, n_partials, max_norm, clip, clip_buf, stream) and
 // main(b, bucket code, grad_scale, found_inf, clip_buf, stream) launch the optimizer's kernels.
 // bucket_dtypes holds one bucket code per bucket (layout.h's BUCKET_*: the dtypes of parameter,
@@ -93,6 +94,7 @@ void cuda_step(const fusedopt::StepArgs& a, int64_t stream, const char* prologue
                                 partials + a.bucket_offsets[b], s),
             "sum-of-squares", b, a.bucket_dtypes[b]);
     }
+    check(fusedopt_cuda_clip_stage(partials, a.n_chunks(), inf, s), "clip-stage");
   }
   check(prologue(inf, partials, a.n_chunks(), clip ? static_cast<float>(*a.max_norm) : 0.0f, clip,
                  clip_buf, s),

@@ -20,11 +20,13 @@
 // torch.amp.GradScaler's float32 scalars. A step with *found_inf != 0 changes nothing (every
 // kernel reads found_inf on the device: no host sync). With grad_scale the main pass divides each
 // gradient element by *grad_scale and writes the unscaled gradient back. clip_buf is float32
-// [2] (layout.h's CLIP_COEF, CLIP_NORM); partials float32, one per chunk of the whole chunk list.
+// [2] (layout.h's CLIP_COEF, CLIP_NORM); partials float32 [partials_numel(n_chunks)] (layout.h):
+// one per chunk of the whole chunk list, then the reduction's first-stage float64 sums.
 //
 // Each step runs, on one stream: with clipping, the sum-of-squares pass once per bucket
-// (partials offset to the bucket's first chunk); the prologue once (which, with clipping, reduces
-// partials[0, n_partials) and writes clip_buf); then the main pass once per bucket (which, with
+// (partials offset to the bucket's first chunk) and the clip stage once; the prologue once (which,
+// with clipping, adds the stage's sums and writes clip_buf; one block, then a grid over the
+// tensors when there are more than 256); then the main pass once per bucket (which, with
 // clipping, multiplies the gradients by clip_buf[CLIP_COEF]).
 //
 // Each returns the cudaError_t of cudaGetLastError() after its launch (0: launched), or
@@ -42,6 +44,11 @@ int fusedopt_cuda_bucket_supported(int bucket);
 int fusedopt_cuda_sumsq(const int64_t* tmeta, const int64_t* grads, const int64_t* chunks,
                         int64_t n_chunks, int64_t chunk_size, int bucket, const float* grad_scale,
                         const float* found_inf, float* partials, void* stream);
+
+// The clipping reduction's first stage: partials[0, n_partials) added CLIP_PER_BLOCK at a time
+// in float64, in a fixed order, into partials' tail (layout.h's clip_stage_offset).
+int fusedopt_cuda_clip_stage(float* partials, int64_t n_partials, const float* found_inf,
+                             void* stream);
 
 int fusedopt_cuda_adam_prologue(const int64_t* tmeta, int64_t n_tensors, const double* hyper,
                                 const int64_t* gptr, double* glr, int64_t n_groups, float* scal,

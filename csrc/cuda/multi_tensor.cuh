@@ -29,7 +29,7 @@ namespace fusedopt {
 namespace cuda {
 
 constexpr int kBlock = 256;          // threads per main-kernel block (one block per chunk)
-constexpr int kPrologueBlock = 256;  // threads of the single prologue block
+constexpr int kPrologueBlock = 256;  // threads per prologue block (and clip-stage block)
 
 // gridDim.x holds at most 2^31 - 1 blocks.
 inline bool chunk_grid_fits(int64_t n_chunks) { return n_chunks >= 0 && n_chunks <= INT32_MAX; }
@@ -372,16 +372,46 @@ struct GradIn {
   }
 };
 
-// The clipping arguments of a prologue: per-chunk sums of squares (written by the sum-of-squares
-// pass, sumsq.cu) and where the prologue writes (coefficient, norm). clip == null: no clipping.
+// The sum of x[0, n) in float64, in a fixed order whatever the scheduling: thread k adds x[k],
+// x[k + kPrologueBlock], ... in turn, then a fixed tree over the threads. Call from every thread
+// of a kPrologueBlock-thread block; the result is valid in thread 0.
+template <typename T>
+__device__ __forceinline__ double fixed_order_sum(const T* x, int64_t n) {
+  __shared__ double sums[kPrologueBlock];
+  double acc = 0.0;
+  for (int64_t c = threadIdx.x; c < n; c += kPrologueBlock) acc += static_cast<double>(x[c]);
+  sums[threadIdx.x] = acc;
+  __syncthreads();
+#pragma unroll
+  for (int stride = kPrologueBlock / 2; stride > 0; stride >>= 1) {
+    if (threadIdx.x < stride) sums[threadIdx.x] += sums[threadIdx.x + stride];
+    __syncthreads();
+  }
+  return sums[0];
+}
+
+// The clipping arguments of a prologue: the first stage's float64 sums (layout.h's partials
+// tail, written by sumsq.cu's clip_stage_kernel from the per-chunk sums of squares) and where the
+// prologue writes (coefficient, norm). clip == null: no clipping.
 struct ClipArgs {
-  const float* partials;
-  int64_t n_partials;
+  const double* stage;
+  int64_t n_stage;
   float max_norm;
   float* clip;
 };
 
-// ---- step prologue (one block) ----------------------------------------------------------------
+// The first stage's sums of the partials buffer of n_chunks chunks (layout.h).
+inline const double* clip_stage_of(const float* partials, int64_t n_chunks) {
+  return reinterpret_cast<const double*>(partials + clip_stage_offset(n_chunks));
+}
+
+// ---- step prologue --------------------------------------------------------------------------
+// Two kernels: the groups' half, one block (group lrs and Noam counters, then the clip
+// coefficient), and the tensors' half, a grid of one thread per tensor (step counts and the
+// scalars the main pass reads, from the group lrs). With at most kPrologueBlock tensors the
+// groups' block does the tensors too: one launch, as before the grid (10,000 tensors were 40
+// rounds of that block). Scalars::write(hyper row, lr, step, scal row) is the optimizer's part.
+
 // Writes each group's lr for this step to glr (float64). Call from every thread of the block,
 // then __syncthreads() before reading glr.
 __device__ __forceinline__ void resolve_group_lrs(const double* hyper, const int64_t* gptr,
@@ -391,38 +421,72 @@ __device__ __forceinline__ void resolve_group_lrs(const double* hyper, const int
   }
 }
 
-// The global grad norm from the per-chunk sums of squares, added in float64 in a fixed order
-// (thread k sums partials k, k + kPrologueBlock, ...; then a fixed tree over the threads), so the
-// result does not depend on scheduling; then torch's clip coefficient (clip_from_sumsq). Call
-// from every thread of a kPrologueBlock-thread block.
+// The global grad norm from the first stage's sums (fixed_order_sum: the result does not depend
+// on scheduling); then torch's clip coefficient (clip_from_sumsq). Call from every thread of a
+// kPrologueBlock-thread block.
 __device__ __forceinline__ void resolve_clip(const ClipArgs& a) {
-  __shared__ double sums[kPrologueBlock];
-  double acc = 0.0;
-  for (int64_t c = threadIdx.x; c < a.n_partials; c += kPrologueBlock) {
-    acc += static_cast<double>(a.partials[c]);
-  }
-  sums[threadIdx.x] = acc;
-  __syncthreads();
-#pragma unroll
-  for (int stride = kPrologueBlock / 2; stride > 0; stride >>= 1) {
-    if (threadIdx.x < stride) sums[threadIdx.x] += sums[threadIdx.x + stride];
-    __syncthreads();
-  }
-  if (threadIdx.x == 0) clip_from_sumsq(sums[0], a.max_norm, a.clip);
+  const double sumsq = fixed_order_sum(a.stage, a.n_stage);
+  if (threadIdx.x == 0) clip_from_sumsq(sumsq, a.max_norm, a.clip);
 }
 
-// The optimizer-independent half of a prologue (kernels/multi_tensor.py's prologue_common): group
-// lrs and Noam counters, then the clip coefficient when clipping. Returns false, having written
-// nothing, when GradScaler found an inf (the caller then returns too: no step advances). Call from
-// every thread of the kPrologueBlock-thread block; on true, what it wrote is visible to all.
-__device__ __forceinline__ bool prologue_common(const double* hyper, const int64_t* gptr,
-                                                double* glr, int64_t n_groups,
-                                                const float* found_inf, const ClipArgs& clip) {
-  if (step_skipped(found_inf)) return false;  // uniform over the block
+// One tensor's step and scalars (t: its row of tmeta), once glr holds this step's group lrs.
+template <typename Scalars>
+__device__ __forceinline__ void tensor_prologue(const int64_t* tmeta, int64_t t,
+                                                const double* hyper, const double* glr,
+                                                float* scal) {
+  const int64_t* row = tmeta + t * TMETA_WIDTH;
+  const int64_t step = advance_step(row);
+  const int64_t grp = row[T_GROUP];
+  Scalars::write(hyper + grp * HYPER_WIDTH, glr[grp], step, scal + t * SCAL_WIDTH);
+}
+
+// The groups' half (kernels/multi_tensor.py's _groups_prologue), and the tensors [0, n_here):
+// n_here is n_tensors when no grid follows, else 0. Nothing when GradScaler found an inf/NaN
+// (found_inf != 0): no step advances.
+template <typename Scalars>
+__global__ void __launch_bounds__(kPrologueBlock)
+    prologue_kernel(const int64_t* tmeta, int64_t n_here, const double* hyper,
+                    const int64_t* gptr, double* glr, int64_t n_groups, float* scal,
+                    const float* found_inf, ClipArgs clip) {
+  if (step_skipped(found_inf)) return;  // uniform over the block
   resolve_group_lrs(hyper, gptr, glr, n_groups);
   if (clip.clip != nullptr) resolve_clip(clip);
   __syncthreads();  // the group lrs just written are read next by other threads
-  return true;
+  for (int64_t t = threadIdx.x; t < n_here; t += blockDim.x) {
+    tensor_prologue<Scalars>(tmeta, t, hyper, glr, scal);
+  }
+}
+
+// The tensors' half (kernels/*.py's _adam_prologue, _rmsprop_prologue): one thread per tensor,
+// after prologue_kernel on the same stream.
+template <typename Scalars>
+__global__ void __launch_bounds__(kPrologueBlock)
+    tensor_prologue_kernel(const int64_t* tmeta, int64_t n_tensors, const double* hyper,
+                           const double* glr, float* scal, const float* found_inf) {
+  if (step_skipped(found_inf)) return;
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * kPrologueBlock + threadIdx.x;
+  if (t < n_tensors) tensor_prologue<Scalars>(tmeta, t, hyper, glr, scal);
+}
+
+// Launches a step's prologue (launchers.h's fusedopt_cuda_*_prologue); with clipping, after
+// sumsq.cu's clip stage (partials: the buffer of n_partials chunks, layout.h).
+template <typename Scalars>
+cudaError_t launch_prologue(const int64_t* tmeta, int64_t n_tensors, const double* hyper,
+                            const int64_t* gptr, double* glr, int64_t n_groups, float* scal,
+                            const float* found_inf, const float* partials, int64_t n_partials,
+                            float max_norm, bool clip, float* clip_buf, cudaStream_t stream) {
+  const ClipArgs clip_args{clip_stage_of(partials, n_partials), clip_stage_blocks(n_partials),
+                           max_norm, clip ? clip_buf : nullptr};
+  const bool grid = n_tensors > kPrologueBlock;
+  prologue_kernel<Scalars><<<1, kPrologueBlock, 0, stream>>>(
+      tmeta, grid ? 0 : n_tensors, hyper, gptr, glr, n_groups, scal, found_inf, clip_args);
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess || !grid) return err;
+  const int64_t blocks = (n_tensors + kPrologueBlock - 1) / kPrologueBlock;
+  if (!chunk_grid_fits(blocks)) return cudaErrorInvalidValue;
+  tensor_prologue_kernel<Scalars><<<static_cast<unsigned>(blocks), kPrologueBlock, 0, stream>>>(
+      tmeta, n_tensors, hyper, glr, scal, found_inf);
+  return cudaGetLastError();
 }
 
 }  // namespace cuda

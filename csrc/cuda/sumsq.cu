@@ -1,7 +1,7 @@
 // The clipping pre-pass (port of kernels/multi_tensor.py's _sumsq_main): each chunk's float32 sum
-// of squares of the (unscaled) gradient, read in the bucket's grad dtype, into partials[chunk].
-// The prologue then adds the
-// partials in float64 in a fixed order and writes the clip coefficient (multi_tensor.cuh's
+// of squares of the (unscaled) gradient, read in the bucket's grad dtype, into partials[chunk];
+// then the reduction's first stage (clip_stage_kernel: float64 sums of CLIP_PER_BLOCK chunks, in
+// a fixed order). The prologue adds those and writes the clip coefficient (multi_tensor.cuh's
 // resolve_clip); the main passes multiply the gradients by it.
 //
 // Per element: g = g / scale (GradScaler; correctly rounded, not written back here: the main pass
@@ -82,6 +82,20 @@ __global__ void __launch_bounds__(kBlock)
   if (threadIdx.x == 0) partials[chunk] = sum;
 }
 
+// The clipping reduction's first stage (kernels/multi_tensor.py's _clip_partials): block b adds
+// the chunk sums [b * CLIP_PER_BLOCK, (b + 1) * CLIP_PER_BLOCK) in float64 in a fixed order
+// (multi_tensor.cuh's fixed_order_sum) into stage[b]; the prologue adds those. A grid, so that
+// 300,000 chunk sums are not one block's serial work.
+__global__ void __launch_bounds__(kPrologueBlock)
+    clip_stage_kernel(const float* __restrict__ partials, int64_t n_partials,
+                      double* __restrict__ stage, const float* __restrict__ found_inf) {
+  if (step_skipped(found_inf)) return;  // the prologue then reads nothing
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * CLIP_PER_BLOCK;
+  const int64_t n = min(static_cast<int64_t>(CLIP_PER_BLOCK), n_partials - first);
+  const double sum = fixed_order_sum(partials + first, n);
+  if (threadIdx.x == 0) stage[blockIdx.x] = sum;
+}
+
 template <typename T>
 cudaError_t launch(const int64_t* tmeta, const int64_t* grads, const int64_t* chunks,
                    int64_t n_chunks, int64_t chunk_size, const float* grad_scale,
@@ -118,6 +132,18 @@ extern "C" int fusedopt_cuda_sumsq(const int64_t* tmeta, const int64_t* grads,
     default:
       return cudaErrorInvalidValue;
   }
+}
+
+extern "C" int fusedopt_cuda_clip_stage(float* partials, int64_t n_partials,
+                                        const float* found_inf, void* stream) {
+  using namespace fusedopt;
+  using namespace fusedopt::cuda;
+  const int64_t blocks = clip_stage_blocks(n_partials);
+  if (n_partials < 0 || !chunk_grid_fits(blocks)) return cudaErrorInvalidValue;
+  double* stage = reinterpret_cast<double*>(partials + clip_stage_offset(n_partials));
+  clip_stage_kernel<<<static_cast<unsigned>(blocks), kPrologueBlock, 0,
+                      static_cast<cudaStream_t>(stream)>>>(partials, n_partials, stage, found_inf);
+  return cudaGetLastError();
 }
 
 // The one list of buckets the main kernels are compiled for (multi_tensor.cuh's

@@ -42,6 +42,21 @@ constexpr int lr = 0, alpha = 1, w = 2, eps = 3, weight_decay = 4, momentum = 5,
 // the per-device clip buffer, float32 [2]: the coefficient grads are multiplied by, the norm
 constexpr int CLIP_COEF = 0, CLIP_NORM = 1;
 
+// Clipping's float32 partials buffer [partials_numel(n_chunks)]: one sum of squares per chunk,
+// then, from float clip_stage_offset(n_chunks) (an even index: 8-byte aligned), one float64 per
+// CLIP_PER_BLOCK chunks, the first stage of the norm's reduction (chunk sums added in a fixed
+// order); the prologue adds those.
+constexpr int CLIP_PER_BLOCK = 4096;
+constexpr int64_t clip_stage_blocks(int64_t n_chunks) {
+  return n_chunks > CLIP_PER_BLOCK ? (n_chunks + CLIP_PER_BLOCK - 1) / CLIP_PER_BLOCK : 1;
+}
+constexpr int64_t clip_stage_offset(int64_t n_chunks) {
+  return n_chunks > 1 ? (n_chunks + 1) / 2 * 2 : 2;
+}
+constexpr int64_t partials_numel(int64_t n_chunks) {
+  return clip_stage_offset(n_chunks) + 2 * clip_stage_blocks(n_chunks);
+}
+
 // dtype codes
 constexpr int DTYPE_FLOAT32 = 0, DTYPE_BFLOAT16 = 1, DTYPE_FLOAT16 = 2;
 

@@ -198,8 +198,10 @@ struct StepArgs {
                 bucket_offsets.back(), ", past the end of the chunk table (", chunks.size(0),
                 " chunks)");
     if (max_norm.has_value()) {
-      TORCH_CHECK(partials.numel() >= n_chunks(), "fusedopt: clipping needs one partial sum per "
-                  "chunk (", n_chunks(), "); partials has ", partials.numel());
+      TORCH_CHECK(partials.numel() >= partials_numel(n_chunks()), "fusedopt: clipping needs one "
+                  "partial sum per chunk (", n_chunks(), ") and the reduction's first stage: ",
+                  partials_numel(n_chunks()), " floats (layout.h's partials_numel); partials has ",
+                  partials.numel());
       TORCH_CHECK(clip.numel() >= CLIP_NORM + 1, "fusedopt: clipping needs clip to hold ",
                   CLIP_NORM + 1, " floats (coefficient, norm); got ", clip.numel());
     }
