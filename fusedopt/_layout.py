@@ -13,15 +13,24 @@ the Noam counter (0 where unused).
 from typing import NamedTuple
 
 # how a group's lr is obtained
-LR_FLOAT, LR_TENSOR, LR_NOAM = 0, 1, 2
+LR_FLOAT, LR_TENSOR, LR_NOAM, LR_SCHEDULE = 0, 1, 2, 3
 
 # per tensor
 T_PARAM, T_S0, T_S1, T_S2, T_STEP, T_NUMEL, T_GROUP, T_SHADOW = range(8)
 TMETA_WIDTH = 8
 
 # per group, pointers
-G_LR_PTR, G_COUNTER_PTR = range(2)
-GPTR_WIDTH = 2
+G_LR_PTR, G_COUNTER_PTR, G_SCHED_PTR = range(3)
+GPTR_WIDTH = 3
+
+# LR_SCHEDULE (fusedopt.schedules): the group's lr of update t is H_LR * f(t - 1), f given by a
+# float64 vector on the device at G_SCHED_PTR: its kind, the warmup steps, six parameters whose
+# meaning depends on the kind (schedules.py), then a count and that many milestones (multistep).
+SP_KIND, SP_WARMUP, SP_A, SP_B, SP_C, SP_D, SP_E, SP_F, SP_N, SP_MILESTONES = range(10)
+SK_CONSTANT, SK_LINEAR, SK_COSINE, SK_COSINE_RESTARTS, SK_POLYNOMIAL = 1, 2, 3, 4, 5
+SK_INVERSE_SQRT, SK_WSD, SK_EXPONENTIAL, SK_MULTISTEP = 6, 7, 8, 9
+# the warm-up and decay shapes of wsd
+SHAPE_LINEAR, SHAPE_COSINE, SHAPE_1_SQRT = 0, 1, 2
 
 # per group, values
 H_LR, H_MODE, H_NOAM_SCALE, H_NOAM_WARMUP = range(4)

@@ -238,6 +238,9 @@ class DeviceTables:
             row[L.H_NOAM_SCALE] = glr.noam.scale
             row[L.H_NOAM_WARMUP] = glr.noam.warmup_coeff
             ptrs[L.G_COUNTER_PTR] = glr.counter.data_ptr()
+        elif glr.mode == L.LR_SCHEDULE:  # H_LR: the schedule's base lr
+            ptrs[L.G_COUNTER_PTR] = glr.counter.data_ptr()
+            ptrs[L.G_SCHED_PTR] = glr.params.data_ptr()
         for name, value in hyper.items():
             row[self.columns[name]] = float(value)
         return tuple(row), tuple(ptrs)

@@ -22,7 +22,8 @@ class Adam(FusedOptimizer):
 
     Same arguments, defaults, state and state_dict as ``torch.optim.Adam``, plus ``backend``
     (``"auto"``, ``"triton"``, ``"torch"``). ``lr`` may be a float, a 1-element tensor (read on the
-    device every step) or a :class:`fusedopt.Noam` schedule (evaluated in the kernel).
+    device every step) or a schedule evaluated in the kernel (:class:`fusedopt.Noam`, or one of
+    ``fusedopt.schedules``: cosine, linear, wsd, ...).
     ``foreach``, ``fused`` and ``capturable`` are accepted for compatibility: every step is fused.
     ``max_grad_norm`` clips the gradients by their global L2 norm inside the step, as
     ``torch.nn.utils.clip_grad_norm_`` would before it (``.grad`` itself is left unclipped).

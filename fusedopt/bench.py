@@ -27,7 +27,7 @@ import time
 
 import torch
 
-from . import __version__, backends
+from . import __version__, backends, schedules
 from .schedule import Noam
 
 # ------------------------------------------------------------------------------------- presets
@@ -85,7 +85,25 @@ PRESETS = {
 QUICK_PRESETS = ("transformer-base", "many-small")
 # "train-step": the optimizer's share of a Transformer training step, Noam lr + clipping + AdamW:
 # fusedopt's AdamW(lr=Noam, max_grad_norm) against torch's LambdaLR + clip_grad_norm_ + AdamW.
-OPTIMIZERS = ("adam", "adamw", "rmsprop", "adamw-noam", "train-step")
+# "-cosine": the lr of transformers' get_cosine_schedule_with_warmup instead (fusedopt.schedules.
+# cosine in the kernel, against torch's AdamW stepping that scheduler on the host, its time
+# included).
+OPTIMIZERS = (
+    "adam",
+    "adamw",
+    "rmsprop",
+    "adamw-noam",
+    "adamw-cosine",
+    "train-step",
+    "train-step-cosine",
+)
+# the in-kernel schedule of each scheduled optimizer
+SCHEDULED = {
+    "adamw-noam": "noam",
+    "train-step": "noam",
+    "adamw-cosine": "cosine",
+    "train-step-cosine": "cosine",
+}
 CLIP_NORM = 1.0
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -107,9 +125,10 @@ def bytes_per_param(
     size = torch.empty((), dtype=dtype).element_size()
     state = torch.empty((), dtype=state_dtype or dtype).element_size()
     p_read, p_write = (4, 4 + size) if master else (size, size)
-    if optimizer.startswith("adam") or optimizer == "train-step":
+    train_step = optimizer.startswith("train-step")
+    if optimizer.startswith("adam") or train_step:
         states = 2 + (1 if amsgrad else 0)
-        extra = size if optimizer == "train-step" else 0  # the norm pass reads every grad
+        extra = size if train_step else 0  # the norm pass reads every grad
     elif optimizer == "rmsprop":
         states = 1 + (1 if momentum else 0) + (1 if centered else 0)
         extra = 0
@@ -150,6 +169,19 @@ def _torch_variants(optimizer, device):
 
 NOAM = Noam(d_model=512, warmup=4000)
 LR = 1e-4
+COSINE_WARMUP, COSINE_TOTAL = 2000, 100_000
+COSINE = schedules.cosine(LR, COSINE_WARMUP, COSINE_TOTAL)
+
+
+def _host_scheduler(kind, opt):
+    """The host-side scheduler torch.optim needs for ``kind`` (SCHEDULED's values)."""
+    if kind == "noam":  # opt built with lr=1.0
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda e: NOAM.rate(e + 1))
+    try:
+        from transformers import get_cosine_schedule_with_warmup  # noqa: PLC0415
+    except ImportError:  # the same lambda, as LambdaLR steps it
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda e: COSINE.rate(e + 1) / LR)
+    return get_cosine_schedule_with_warmup(opt, COSINE_WARMUP, COSINE_TOTAL)
 
 
 # --precision: the fusedopt options of each mode, and the parameter dtype it implies
@@ -163,13 +195,13 @@ PRECISIONS = {
 
 def _factories(optimizer, device, dtype, names, compile_torch, precision="plain"):
     """provider name -> function(params) -> step function. ``names``: fusedopt backends."""
-    base = "adamw" if optimizer in ("adamw-noam", "train-step") else optimizer
-    noam = optimizer in ("adamw-noam", "train-step")
-    clip = CLIP_NORM if optimizer == "train-step" else None
+    scheduled = SCHEDULED.get(optimizer)
+    base = "adamw" if scheduled else optimizer
+    clip = CLIP_NORM if optimizer.startswith("train-step") else None
     fcls = {"adam": "Adam", "adamw": "AdamW", "rmsprop": "RMSprop"}[base]
     out = {}
     for name in names:
-        lr = NOAM if noam else LR
+        lr = {"noam": NOAM, "cosine": COSINE}.get(scheduled, LR)
 
         def make(params, name=name, lr=lr):
             return getattr(__import__("fusedopt"), fcls)(
@@ -180,9 +212,10 @@ def _factories(optimizer, device, dtype, names, compile_torch, precision="plain"
 
     def torch_step(kwargs):
         def make(params):
-            if noam:
-                opt = getattr(torch.optim, fcls)(params, lr=1.0, **kwargs)
-                sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: NOAM.rate(e + 1))
+            if scheduled:
+                lr = 1.0 if scheduled == "noam" else LR
+                opt = getattr(torch.optim, fcls)(params, lr=lr, **kwargs)
+                sched = _host_scheduler(scheduled, opt)
 
                 def step():
                     if clip is not None:

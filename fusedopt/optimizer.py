@@ -14,8 +14,8 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from . import _plan, backends
-from ._layout import LR_FLOAT, LR_NOAM, LR_TENSOR, Bucket
-from .schedule import Noam
+from ._layout import LR_FLOAT, LR_NOAM, LR_SCHEDULE, LR_TENSOR, Bucket
+from .schedule import Noam, Schedule
 
 __all__ = ["FusedOptimizer"]
 
@@ -48,7 +48,9 @@ class GroupLR:
     value: float = 0.0  # LR_FLOAT
     tensor: torch.Tensor = None  # LR_TENSOR: the user's 0-d tensor, read on the device each step
     noam: Noam = None  # LR_NOAM
-    counter: torch.Tensor = None  # LR_NOAM: the group's on-device update counter
+    counter: torch.Tensor = None  # LR_NOAM, LR_SCHEDULE: the group's on-device update counter
+    schedule: Schedule = None  # LR_SCHEDULE (value: its base lr)
+    params: torch.Tensor = None  # LR_SCHEDULE: its float64 vector on the device (layout's SP_*)
 
 
 @dataclass
@@ -194,13 +196,14 @@ class FusedOptimizer(torch.optim.Optimizer):
         super().add_param_group(param_group)
         self._plan = None
         group = self.param_groups[-1]
-        if isinstance(group["lr"], Noam):
+        if isinstance(group["lr"], Schedule):
             self._noam_device(group)
 
     def get_last_lr(self):
         """The lr each group used in its last step, for logging, without a device sync.
 
-        A float for groups with a float lr; a 0-d device tensor for Noam and tensor lrs (read it
+        A float for groups with a float lr; a 0-d device tensor for scheduled (``fusedopt.Noam``,
+        ``fusedopt.schedules``) and tensor lrs (read it
         with ``.item()`` when you log: that is the only sync). Before the first step, the lr the
         first step will use.
         """
@@ -208,9 +211,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         for i, group in enumerate(self.param_groups):
             lr = group["lr"]
             last = self._last_lr.get(i)
-            if isinstance(lr, (Noam, torch.Tensor)) and last is not None:
+            if isinstance(lr, (Schedule, torch.Tensor)) and last is not None:
                 out.append(last.clone())  # a snapshot: the buffer is rewritten by the next step
-            elif isinstance(lr, Noam):
+            elif isinstance(lr, Schedule):
                 out.append(lr.rate(1))
             elif isinstance(lr, torch.Tensor):
                 out.append(lr.clone())
@@ -262,12 +265,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         sd = super().state_dict()
         for group in sd["param_groups"]:
             lr = group["lr"]
-            if isinstance(lr, Noam):
+            if isinstance(lr, Schedule):
                 # Plain data only, so torch.optim can load it and torch.load(weights_only=True)
                 # accepts it. torch.optim sees the rate of the next step as an ordinary float lr,
                 # as a torch checkpoint taken after `opt.step(); LambdaLR.step()` holds it.
-                group["noam"] = lr.to_dict()
-                counter = group.get("noam_step")
+                group[lr.STATE_KEY] = lr.to_dict()
+                counter = group.get(lr.COUNTER_KEY)
                 t = float(counter) if counter is not None else 0.0  # a checkpoint may sync
                 group["lr"] = lr.rate(t + 1.0)
         return sd
@@ -331,17 +334,23 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._last_lr.clear()
         for group, kept, saved in zip(self.param_groups, precision, saved_keys):
             group.update({k: v for k, v in kept.items() if k not in saved})
+        keys = {Noam.STATE_KEY: Noam.COUNTER_KEY, Schedule.STATE_KEY: Schedule.COUNTER_KEY}
         for group, old_lr in zip(self.param_groups, previous):
-            noam = group.pop("noam", None)
-            if noam is not None:
-                group["lr"] = Noam.from_dict(noam)
-            elif isinstance(old_lr, Noam):
+            saved = [(k, group.pop(k)) for k in keys if group.get(k) is not None]
+            if saved:
+                group["lr"] = Schedule.from_state(*saved[0])
+            elif isinstance(old_lr, Schedule):
                 # A checkpoint from torch.optim (LambdaLR kept the schedule outside the optimizer):
-                # keep the Noam schedule this optimizer was built with, and resume its counter
-                # from the number of updates the group's parameters have seen.
+                # keep the schedule this optimizer was built with, and resume its counter from
+                # the number of updates the group's parameters have seen.
                 group["lr"] = old_lr
-                group.pop("noam_step", None)
-            if isinstance(group["lr"], Noam):
+                for counter_key in keys.values():
+                    group.pop(counter_key, None)
+            lr = group["lr"]
+            for counter_key in keys.values():  # a counter of another kind of schedule
+                if not (isinstance(lr, Schedule) and counter_key == lr.COUNTER_KEY):
+                    group.pop(counter_key, None)
+            if isinstance(lr, Schedule):
                 # The counter is at least the largest step of the group's parameters (each
                 # advances at most once per step() call). A checkpoint that went through
                 # torch.optim has no counter, or a stale one that torch carried along unchanged:
@@ -352,9 +361,9 @@ class FusedOptimizer(torch.optim.Optimizer):
                     for p in group["params"]
                     if "step" in self.state.get(p, {})
                 ]
-                if group.get("noam_step") is not None:
-                    counts.append(torch.as_tensor(group["noam_step"]).to(device, torch.float32))
-                group["noam_step"] = (
+                if group.get(lr.COUNTER_KEY) is not None:
+                    counts.append(torch.as_tensor(group[lr.COUNTER_KEY]).to(device, torch.float32))
+                group[lr.COUNTER_KEY] = (
                     torch.stack(counts).max().reshape(())
                     if counts
                     else torch.zeros((), dtype=torch.float32, device=device)
@@ -392,7 +401,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         devices = {p.device for p in group["params"]}
         if len(devices) > 1:
             raise ValueError(
-                "fusedopt: a param group with a Noam lr must keep all its parameters on one device "
+                "fusedopt: a param group with a scheduled lr (fusedopt.Noam, fusedopt.schedules) "
+                "must keep all its parameters on one device "
                 f"(its on-device step counter lives there); found {sorted(map(str, devices))}"
             )
         return devices.pop() if devices else torch.device("cpu")
@@ -434,7 +444,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 by_device.setdefault(lp.device, []).append((gi, p, lg, bucket))
                 buckets.setdefault(lp.device, set()).add(bucket)
 
-            if isinstance(group["lr"], Noam):
+            if isinstance(group["lr"], Schedule):
                 # The counter advances every step, as LambdaLR does, even with no grads.
                 by_device.setdefault(self._noam_device(group), [])
         for shared in storages.values():
@@ -516,18 +526,21 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _group_lr(self, gi, group, device):
         lr = group["lr"]
-        if isinstance(lr, Noam):
+        if isinstance(lr, Schedule):
             if self._noam_device(group) != device:
                 return GroupLR(LR_FLOAT)  # the group has no tensor here; its counter is elsewhere
-            counter = group.get("noam_step")
+            counter = group.get(lr.COUNTER_KEY)
             if counter is None or counter.device != device:
                 counter = (
                     torch.zeros((), dtype=torch.float32, device=device)
                     if counter is None
                     else counter.to(device=device, dtype=torch.float32)
                 )
-                group["noam_step"] = counter
-            return GroupLR(LR_NOAM, noam=lr, counter=counter)
+                group[lr.COUNTER_KEY] = counter
+            if isinstance(lr, Noam):
+                return GroupLR(LR_NOAM, noam=lr, counter=counter)
+            params = lr.device_params(device)
+            return GroupLR(LR_SCHEDULE, lr.lr, schedule=lr, counter=counter, params=params)
         if isinstance(lr, torch.Tensor):
             if lr.device == device and lr.dtype == torch.float32:
                 return GroupLR(LR_TENSOR, tensor=lr.reshape(()))
@@ -578,7 +591,7 @@ def check_common(lr, eps, weight_decay, in_step=False):
         if not (in_step and lr.device.type != "cpu"):  # reading a device lr in step() would sync
             if not nonnegative(float(lr)):
                 raise ValueError(f"Invalid learning rate: {lr}")
-    elif not isinstance(lr, Noam) and not nonnegative(lr):
+    elif not isinstance(lr, Schedule) and not nonnegative(lr):
         raise ValueError(f"Invalid learning rate: {lr}")
     if not nonnegative(eps):
         raise ValueError(f"Invalid epsilon value: {eps}")

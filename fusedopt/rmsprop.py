@@ -8,9 +8,9 @@ __all__ = ["RMSprop"]
 class RMSprop(FusedOptimizer):
     """RMSprop with torch.optim's arguments, defaults, state and state_dict, plus ``backend``.
 
-    ``lr`` may be a float, a 1-element tensor or a :class:`fusedopt.Noam` schedule. ``foreach`` and
-    ``capturable`` are accepted for compatibility: every step is fused. ``max_grad_norm`` and
-    GradScaler work as for :class:`fusedopt.AdamW`.
+    ``lr`` may be a float, a 1-element tensor or an in-kernel schedule (:class:`fusedopt.Noam`,
+    ``fusedopt.schedules``). ``foreach`` and ``capturable`` are accepted for compatibility: every
+    step is fused. ``max_grad_norm`` and GradScaler work as for :class:`fusedopt.AdamW`.
     """
 
     _op = "rmsprop"

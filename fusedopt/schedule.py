@@ -11,7 +11,51 @@ import numbers
 import torch
 from torch.optim.lr_scheduler import LRScheduler
 
-__all__ = ["Noam", "NoamLR"]
+__all__ = ["Noam", "NoamLR", "Schedule"]
+
+
+class Schedule:
+    """A learning-rate schedule evaluated inside the optimizer step (``lr=`` of an optimizer or a
+    param group): the kernel computes the lr of every ``step()`` in float64 from the group's
+    on-device update counter, so nothing syncs with the host and a captured CUDA graph follows
+    the schedule on every replay. ``Noam`` and the family in ``fusedopt.schedules``.
+
+    ``rate(t)`` is the lr of the t-th update (t >= 1), on the host or elementwise on a tensor.
+    A state_dict keeps the schedule as plain data under ``STATE_KEY`` (``to_dict``) and the
+    counter under ``COUNTER_KEY``."""
+
+    STATE_KEY = "lr_schedule"
+    COUNTER_KEY = "lr_step"
+
+    def rate(self, t):
+        raise NotImplementedError
+
+    def to_dict(self):
+        raise NotImplementedError
+
+    @staticmethod
+    def from_state(key, d):
+        """The schedule a state_dict's group stored under ``key`` (a STATE_KEY)."""
+        if key == Noam.STATE_KEY:
+            return Noam.from_dict(d)
+        from .schedules import from_dict  # noqa: PLC0415 - schedules imports this module
+
+        return from_dict(d)
+
+    def _not_a_number(self, *_):
+        raise TypeError(
+            f"fusedopt.{type(self).__name__} is a schedule evaluated inside the optimizer step, "
+            "not a number: a torch LR scheduler cannot scale it. Use either lr=<schedule> with no "
+            "scheduler, or a float lr with a torch LR scheduler."
+        )
+
+    __mul__ = __rmul__ = __truediv__ = __add__ = __radd__ = __float__ = _not_a_number
+
+    def __eq__(self, other):
+        return type(other) is type(self) and self.to_dict() == other.to_dict()
+
+    def __hash__(self):
+        return hash(repr(sorted(self.to_dict().items())))
 
 
 def _check_positive(name, value):
@@ -21,7 +65,7 @@ def _check_positive(name, value):
         raise ValueError(f"Invalid Noam {name}: {value} (must be finite and > 0)")
 
 
-class Noam:
+class Noam(Schedule):
     """The schedule itself: ``Noam(d_model, warmup, factor=1.0)``.
 
     ``rate(t)`` evaluates it on the host (``t`` a number >= 1) or elementwise on a tensor of steps.
@@ -29,6 +73,9 @@ class Noam:
     the rate of each ``step()`` from the group's on-device counter, so nothing syncs with the host;
     the results equal torch.optim with ``lr=1.0`` and ``LambdaLR(opt, lambda e: noam.rate(e + 1))``.
     """
+
+    STATE_KEY = "noam"
+    COUNTER_KEY = "noam_step"
 
     def __init__(self, d_model, warmup, factor=1.0):
         _check_positive("d_model", d_model)
@@ -56,16 +103,6 @@ class Noam:
             raise ValueError(f"Noam.rate is defined for t >= 1, got {t}")
         return self.scale * min(t**-0.5, t * self.warmup_coeff)
 
-    def _not_a_number(self, *_):
-        raise TypeError(
-            "fusedopt.Noam is a schedule evaluated inside the optimizer step, not a number: "
-            "a torch LR scheduler cannot scale it. Use either lr=fusedopt.Noam(...) with no "
-            "scheduler, or a "
-            "float lr with fusedopt.NoamLR / LambdaLR."
-        )
-
-    __mul__ = __rmul__ = __truediv__ = __add__ = __radd__ = __float__ = _not_a_number
-
     def to_dict(self):
         """Plain data, as stored in a state_dict (``torch.load(weights_only=True)`` accepts it)."""
         return {"d_model": self.d_model, "warmup": self.warmup, "factor": self.factor}
@@ -73,12 +110,6 @@ class Noam:
     @classmethod
     def from_dict(cls, d):
         return cls(d["d_model"], d["warmup"], d["factor"])
-
-    def __eq__(self, other):
-        return isinstance(other, Noam) and self.to_dict() == other.to_dict()
-
-    def __hash__(self):
-        return hash((self.d_model, self.warmup, self.factor))
 
     def __repr__(self):
         return f"Noam(d_model={self.d_model}, warmup={self.warmup}, factor={self.factor})"

@@ -14,6 +14,7 @@ float64 so that ``1 - beta2**t`` keeps its digits for small ``t``, as torch.opti
 Python arithmetic does; the main pass reads the resulting float32 scalars.
 """
 
+import math
 import os
 
 import torch
@@ -47,6 +48,24 @@ LR_TENSOR = tl.constexpr(L.LR_TENSOR)
 CLIP_COEF = tl.constexpr(L.CLIP_COEF)
 CLIP_NORM = tl.constexpr(L.CLIP_NORM)
 LR_NOAM = tl.constexpr(L.LR_NOAM)
+LR_SCHEDULE = tl.constexpr(L.LR_SCHEDULE)
+G_SCHED_PTR = tl.constexpr(L.G_SCHED_PTR)
+SP_KIND, SP_WARMUP, SP_A, SP_B, SP_C, SP_D, SP_E, SP_F, SP_N, SP_MILESTONES = (
+    tl.constexpr(getattr(L, f"SP_{n}"))
+    for n in ("KIND", "WARMUP", "A", "B", "C", "D", "E", "F", "N", "MILESTONES")
+)
+SK_LINEAR = tl.constexpr(L.SK_LINEAR)
+SK_COSINE = tl.constexpr(L.SK_COSINE)
+SK_COSINE_RESTARTS = tl.constexpr(L.SK_COSINE_RESTARTS)
+SK_POLYNOMIAL = tl.constexpr(L.SK_POLYNOMIAL)
+SK_INVERSE_SQRT = tl.constexpr(L.SK_INVERSE_SQRT)
+SK_WSD = tl.constexpr(L.SK_WSD)
+SK_EXPONENTIAL = tl.constexpr(L.SK_EXPONENTIAL)
+SK_MULTISTEP = tl.constexpr(L.SK_MULTISTEP)
+SHAPE_COSINE = tl.constexpr(L.SHAPE_COSINE)
+SHAPE_1_SQRT = tl.constexpr(L.SHAPE_1_SQRT)
+# pi as a float64 constant: a Python float literal in a Triton kernel becomes a float32 constant
+PI = tl.constexpr(math.pi)
 
 TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -86,8 +105,86 @@ def pow_int(base, n):
 
 
 @triton.jit
+def _f64(x):
+    """The float64 constant ``x`` (a Python float would be rounded to float32)."""
+    return tl.full((), x, tl.float64)
+
+
+@triton.jit
+def _shape(shape, x, cycles, DECAY: tl.constexpr):
+    """wsd's warm-up (rising) or decay shapes at x in [0, 1] (step_math.h's schedule_*_shape)."""
+    if DECAY:
+        cos = 0.5 * (1.0 + tl.cos(_f64(PI) * cycles * 2.0 * x))
+        sqrt = 1.0 - tl.sqrt(tl.maximum(x, 0.0))
+        lin = 1.0 - x
+    else:
+        cos = 0.5 * (1.0 - tl.cos(_f64(PI) * x))
+        sqrt = 1.0 - tl.sqrt(tl.maximum(1.0 - x, 0.0))
+        lin = x
+    return tl.where(shape == SHAPE_COSINE, cos, tl.where(shape == SHAPE_1_SQRT, sqrt, lin))
+
+
+@triton.jit
+def schedule_factor(sp, u, live):
+    """f(u) of each LR_SCHEDULE group (``sp``: the addresses of their SP_* vectors; ``u``: the
+    updates before this one, float64): every kind's formula, then the group's. step_math.h's
+    schedule_factor, operation for operation, except polynomial decay with a power other than 1,
+    which is exp(power * log(x)) here (the interpreter has no pow), within a few float64 ulps of
+    libm's pow. Inputs the selected formula never sees are kept in range (no NaN or division by
+    zero in the others)."""
+    kind = tl.load(sp + SP_KIND, mask=live, other=0.0)
+    w = tl.load(sp + SP_WARMUP, mask=live, other=0.0)
+    a = tl.load(sp + SP_A, mask=live, other=0.0)
+    b = tl.load(sp + SP_B, mask=live, other=0.0)
+    c = tl.load(sp + SP_C, mask=live, other=0.0)
+    d = tl.load(sp + SP_D, mask=live, other=0.0)
+    e = tl.load(sp + SP_E, mask=live, other=0.0)
+    f = tl.load(sp + SP_F, mask=live, other=0.0)
+    n = tl.load(sp + SP_N, mask=live, other=0.0)
+    progress = (u - w) / tl.maximum(a - w, 1.0)
+    # linear (a: total); cosine (b: cycles, c: min_lr / lr); hard restarts (b: cycles)
+    out = tl.where(kind == SK_LINEAR, tl.maximum((a - u) / tl.maximum(a - w, 1.0), 0.0), 1.0)
+    cos = 0.5 * (1.0 + tl.cos(_f64(PI) * b * 2.0 * progress))
+    out = tl.where(kind == SK_COSINE, tl.maximum(cos * (1.0 - c) + c, 0.0), out)
+    x = b * progress
+    wave = tl.maximum(0.5 * (1.0 + tl.cos(_f64(PI) * (x - tl.floor(x)))), 0.0)
+    out = tl.where(kind == SK_COSINE_RESTARTS, tl.where(progress >= 1.0, 0.0, wave), out)
+    # polynomial (b: end lr, c: power, d: initial lr)
+    rem = 1.0 - progress
+    powered = tl.exp(tl.log(tl.where(rem > 0.0, rem, 1.0)) * c)
+    powered = tl.where(rem > 0.0, powered, tl.where(c == 0.0, 1.0, 0.0))
+    powered = tl.where(c == 1.0, rem, powered)
+    d_ok = tl.where(d > 0.0, d, 1.0)
+    poly = tl.where(u > a, b / d_ok, ((d - b) * powered + b) / d_ok)
+    out = tl.where(kind == SK_POLYNOMIAL, poly, out)
+    # inverse square root (a: timescale)
+    arg = tl.where(kind == SK_INVERSE_SQRT, (u + (a - w)) / tl.maximum(a, 1.0), 1.0)
+    out = tl.where(kind == SK_INVERSE_SQRT, 1.0 / tl.sqrt(arg), out)
+    # every kind above (and constant) warms up linearly from 0
+    out = tl.where(u < w, u / tl.maximum(w, 1.0), out)
+    # wsd (a: stable, b: decay, c / d: shapes, e: min ratio, f: cycles)
+    up = _shape(c, u / tl.maximum(w, 1.0), f, False)
+    down = _shape(d, (u - w - a) / tl.maximum(b, 1.0), f, True)
+    wsd = tl.where(u < w + a + b, tl.maximum(down * (1.0 - e) + e, 0.0), e)
+    wsd = tl.where(u < w + a, 1.0, wsd)
+    wsd = tl.where(u < w, tl.maximum(up * (1.0 - e) + e, 0.0), wsd)
+    out = tl.where(kind == SK_WSD, wsd, out)
+    # exponential and multistep (a: gamma; n milestones): gamma ** (u, or the milestones <= u)
+    k = tl.zeros_like(u)
+    for j in range(0, tl.max(n.to(tl.int32), axis=0)):
+        has = live & (j < n)
+        m = tl.load(sp + SP_MILESTONES + j, mask=has, other=0.0)
+        k += tl.where(has & (m <= u), 1.0, 0.0)
+    k = tl.where(kind == SK_EXPONENTIAL, u, k)
+    g = pow_int(a, k.to(tl.int64))
+    out = tl.where((kind == SK_EXPONENTIAL) | (kind == SK_MULTISTEP), g, out)
+    return out
+
+
+@triton.jit
 def resolve_group_lrs(hyper, gptr, glr, n_groups, BLOCK_G: tl.constexpr):
-    """Write each group's lr for this step (float64) to ``glr``; advance the Noam counters."""
+    """Write each group's lr for this step (float64) to ``glr``; advance the Noam and schedule
+    counters."""
     for g0 in range(0, n_groups, BLOCK_G):
         g = g0 + tl.arange(0, BLOCK_G)
         live = g < n_groups
@@ -99,11 +196,18 @@ def resolve_group_lrs(hyper, gptr, glr, n_groups, BLOCK_G: tl.constexpr):
         lr_t = tl.load(lr_addr.to(tl.pointer_type(tl.float32)), mask=is_tensor, other=0.0)
         lr = tl.where(is_tensor, lr_t.to(tl.float64), lr)
         is_noam = live & (mode == LR_NOAM)
-        c_ptr = tl.load(gptr + g * GPTR_WIDTH + G_COUNTER_PTR, mask=is_noam, other=0).to(
+        is_sched = live & (mode == LR_SCHEDULE)
+        counted = is_noam | is_sched
+        c_ptr = tl.load(gptr + g * GPTR_WIDTH + G_COUNTER_PTR, mask=counted, other=0).to(
             tl.pointer_type(tl.float32)
         )
-        count = tl.load(c_ptr, mask=is_noam, other=0.0) + 1.0
-        tl.store(c_ptr, count, mask=is_noam)
+        count = tl.load(c_ptr, mask=counted, other=0.0) + 1.0
+        tl.store(c_ptr, count, mask=counted)
+        sp = tl.load(gptr + g * GPTR_WIDTH + G_SCHED_PTR, mask=is_sched, other=0).to(
+            tl.pointer_type(tl.float64)
+        )
+        f = schedule_factor(sp, count.to(tl.float64) - 1.0, is_sched)
+        lr = tl.where(is_sched, lr * f, lr)
         t = tl.maximum(count.to(tl.float64), 1.0)
         scale = tl.load(h + H_NOAM_SCALE, mask=is_noam, other=0.0)
         warm = tl.load(h + H_NOAM_WARMUP, mask=is_noam, other=0.0)

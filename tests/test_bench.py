@@ -18,6 +18,9 @@ from fusedopt import bench
         ("adamw", torch.float32, {}, 28),
         ("adam", torch.float32, {"amsgrad": True}, 36),
         ("adamw-noam", torch.float32, {}, 28),
+        ("adamw-cosine", torch.float32, {}, 28),
+        ("train-step", torch.float32, {}, 32),
+        ("train-step-cosine", torch.float32, {}, 32),
         ("adamw", torch.bfloat16, {}, 14),
         ("rmsprop", torch.float32, {}, 20),
         ("rmsprop", torch.float32, {"momentum": True}, 28),
@@ -62,6 +65,8 @@ def test_cli_end_to_end(tmp_path):
             "rmsprop",
             "--optimizer",
             "train-step",
+            "--optimizer",
+            "adamw-cosine",
             "--repeats",
             "2",
             "--warmup",
@@ -90,6 +95,8 @@ def test_cli_end_to_end(tmp_path):
         "train-step",
         "fusedopt cpu",
     ) in providers
+    # the in-kernel cosine against torch's AdamW stepping transformers' scheduler
+    assert {("adamw-cosine", "torch fused"), ("adamw-cosine", "fusedopt cpu")} <= providers
     for r in data["rows"]:
         assert r["ms"] > 0 and r["gb_s"] == pytest.approx(
             r["params"] * r["bytes_per_param"] / (r["ms"] / 1e3) / 1e9

@@ -102,6 +102,9 @@ SETUPS = {
         fusedopt.Adam, _params([(7,)]), lr=fusedopt.Noam(d_model=16, warmup=10)
     ),
     "tensor_lr": lambda: _stepped(fusedopt.Adam, _params([(7,)]), lr=torch.tensor(1e-3)),
+    "schedule": lambda: _stepped(
+        fusedopt.Adam, _params([(7,)]), lr=fusedopt.schedules.cosine(1e-3, 2, 10)
+    ),
 }
 
 
@@ -184,7 +187,12 @@ CASES = [
         _set("hyper", lambda t: t[:, :-1].contiguous()),
         r"hyper must be \[n_groups, 12\]",
     ),
-    ("adam", "gptr-rows", _set("gptr", lambda t: t[:1]), r"gptr must be \[n_groups, 2\]"),
+    (
+        "adam",
+        "gptr-rows",
+        _set("gptr", lambda t: t[:1]),
+        rf"gptr must be \[n_groups, {L.GPTR_WIDTH}\]",
+    ),
     ("adam", "glr-short", _set("glr", lambda t: t[:1]), r"glr must hold one lr per group \(2\)"),
     (
         "adam",
@@ -404,6 +412,18 @@ CASES = [
         "counter-not-listed",
         _set("counters", lambda c: []),
         r"group 0 takes its lr from a Noam schedule, and its counter address",
+    ),
+    (
+        "schedule",
+        "counter-not-listed",
+        _set("counters", lambda c: []),
+        r"group 0 takes its lr from a schedule, and its counter address",
+    ),
+    (
+        "schedule",
+        "parameters-address-0",
+        _edit("gptr", (0, L.G_SCHED_PTR), 0),
+        r"group 0 takes its lr from a schedule, and gptr holds no address for its parameters",
     ),
     (
         "tensor_lr",

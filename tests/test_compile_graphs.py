@@ -5,6 +5,7 @@ import torch
 from conftest import backend_device_params, need_backend
 
 import fusedopt
+from fusedopt.schedule import Schedule
 
 
 def _model_and_data(device, seed=0):
@@ -87,7 +88,7 @@ def _graph_run(backend, lr, graphed, monkeypatch):
             opt.step()
     for i, (x, y) in enumerate(data[3:]):
         if i == 2:  # an eager step between replays, with another float lr: new tables, in place
-            if not isinstance(lr, fusedopt.Noam):
+            if not isinstance(lr, Schedule):
                 opt.param_groups[0]["lr"] = lr / 2
             eager_step(x, y)
             opt.param_groups[0]["lr"] = lr
@@ -98,13 +99,17 @@ def _graph_run(backend, lr, graphed, monkeypatch):
         else:
             eager_step(x, y)
     torch.cuda.synchronize()
-    if isinstance(lr, fusedopt.Noam):
-        assert float(opt.param_groups[0]["noam_step"]) == len(data)
+    if isinstance(lr, Schedule):
+        assert float(opt.param_groups[0][lr.COUNTER_KEY]) == len(data)
     return [p.detach().clone() for p in model.parameters()], opt.last_grad_norm
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("lr", [1e-2, fusedopt.Noam(16, 3)], ids=["float-lr", "noam"])
+@pytest.mark.parametrize(
+    "lr",
+    [1e-2, fusedopt.Noam(16, 3), fusedopt.schedules.wsd(1e-2, 2, 3, total=8)],
+    ids=["float-lr", "noam", "wsd"],
+)
 @pytest.mark.parametrize("backend", ["cuda", "triton", "torch"])
 def test_cuda_graph_whole_step(backend, lr, monkeypatch):
     """A whole training step (forward, backward, opt.step() with clipping) captured in a CUDA

@@ -30,7 +30,7 @@ def _no_sync_steps(opt, params, all_grads, each_step=lambda k: None):
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
-@pytest.mark.parametrize("lr_kind", ["float", "tensor", "noam"])
+@pytest.mark.parametrize("lr_kind", ["float", "tensor", "noam", "wsd", "multistep"])
 @pytest.mark.parametrize("cls", ["AdamW", "Adam", "RMSprop"])
 def test_step_never_syncs(backend, lr_kind, cls):
     need_backend(backend, "cuda")
@@ -41,6 +41,8 @@ def test_step_never_syncs(backend, lr_kind, cls):
         "float": 1e-3,
         "tensor": torch.tensor(1e-3, device="cuda"),
         "noam": fusedopt.Noam(64, 10),
+        "wsd": fusedopt.schedules.wsd(1e-3, 2, 3, total=10, decay_type="1-sqrt"),
+        "multistep": fusedopt.schedules.multistep(1e-3, [1, 2], gamma=0.5),
     }[lr_kind]
     kw = dict(amsgrad=True) if cls != "RMSprop" else dict(centered=True, momentum=0.9)
     opt = getattr(fusedopt, cls)(params, lr=lr, backend=backend, **kw)

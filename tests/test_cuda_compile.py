@@ -129,8 +129,8 @@ def test_kernels_compile_for_sm80_sm90_without_spills(compiled):
 
 def test_main_kernels_use_128_bit_accesses_at_sm90(compiled):
     """Issue 13: every main kernel and the clipping pre-pass has 128-bit global accesses in its
-    SASS (the vector path for aligned chunks) and no local-memory (spill) access. The full
-    table: benchmarks/kernel_report.py."""
+    SASS (the vector path for aligned chunks) and no local-memory access (spills or arrays). The
+    full table: benchmarks/kernel_report.py."""
     if shutil.which("cuobjdump") is None and kernel_report._triton_tool("cuobjdump") is None:
         pytest.skip("no cuobjdump (CUDA toolkit or Triton's) to read the SASS with")
     seen = 0
@@ -138,7 +138,12 @@ def test_main_kernels_use_128_bit_accesses_at_sm90(compiled):
     for _src, res, _, obj in compiled:
         assert res.returncode == 0, res.stderr[-3000:]
         for name, regs, _stack, acc in kernel_report.cuda_object_kernels(obj, 90):
-            assert acc["local"] == 0, (name, acc)
+            # The groups' prologue evaluates the lr schedules: CUDA's float64 cos keeps its
+            # argument reduction's table in a 40-byte local array (the slow path, for huge
+            # arguments). Nothing spills there either (the test above); every other kernel has
+            # no local memory at all.
+            if not name.startswith("prologue_kernel"):
+                assert acc["local"] == 0, (name, acc)
             if "main_kernel" in name or "sumsq" in name:
                 seen += 1
                 assert acc["128"] > 0, f"{name}: no 128-bit access: {dict(acc)}"

@@ -57,6 +57,11 @@ def test_header_matches_python_layout():
         "DTYPE_BFLOAT16": L.DTYPE_CODES["bfloat16"],
         "DTYPE_FLOAT16": L.DTYPE_CODES["float16"],
     }
+    sched = "LR_SCHEDULE G_SCHED_PTR SP_KIND SP_WARMUP SP_A SP_B SP_C SP_D SP_E SP_F SP_N".split()
+    sched += "SP_MILESTONES SK_CONSTANT SK_LINEAR SK_COSINE SK_COSINE_RESTARTS".split()
+    sched += "SK_POLYNOMIAL SK_INVERSE_SQRT SK_WSD SK_EXPONENTIAL SK_MULTISTEP".split()
+    sched += "SHAPE_LINEAR SHAPE_COSINE SHAPE_1_SQRT".split()
+    expected.update({k: getattr(L, k) for k in sched})
     expected.update({f"adam_col.{k}": v for k, v in L.ADAM_COLS.items()})
     expected.update({f"rmsprop_col.{k}": v for k, v in L.RMSPROP_COLS.items()})
     expected.update({f"adam_scal.{k}": i for i, k in enumerate(L.ADAM_SCAL)})

@@ -8,17 +8,20 @@ scalar that depends on the step stays a device tensor). It is not fused: several
 
 import torch
 
-from .._layout import LR_FLOAT, LR_NOAM, LR_TENSOR
+from .._layout import LR_FLOAT, LR_NOAM, LR_SCHEDULE, LR_TENSOR
 
 
 def _group_lrs(work, keep):
     """Each group's lr for this step: a float, or a float64 0-d tensor on the device. ``keep``:
-    1, or a 0-d tensor that is 0 when GradScaler found an inf (the Noam counter then stays)."""
+    1, or a 0-d tensor that is 0 when GradScaler found an inf (the counters then stay)."""
     lrs = []
     for glr in work.lrs:
         if glr.mode == LR_NOAM:
             glr.counter.add_(keep)
             lrs.append(glr.noam.rate(glr.counter))
+        elif glr.mode == LR_SCHEDULE:
+            glr.counter.add_(keep)
+            lrs.append(glr.schedule.rate(glr.counter))
         elif glr.mode == LR_TENSOR:
             lrs.append(glr.tensor.to(torch.float64))
         else:

@@ -6,7 +6,7 @@
 namespace fusedopt {
 
 // how a group's lr is obtained
-constexpr int LR_FLOAT = 0, LR_TENSOR = 1, LR_NOAM = 2;
+constexpr int LR_FLOAT = 0, LR_TENSOR = 1, LR_NOAM = 2, LR_SCHEDULE = 3;
 
 // per tensor, int64 [T, TMETA_WIDTH]
 constexpr int T_PARAM = 0, T_S0 = 1, T_S1 = 2, T_S2 = 3, T_STEP = 4, T_NUMEL = 5, T_GROUP = 6,
@@ -14,8 +14,19 @@ constexpr int T_PARAM = 0, T_S0 = 1, T_S1 = 2, T_S2 = 3, T_STEP = 4, T_NUMEL = 5
 constexpr int TMETA_WIDTH = 8;
 
 // per group, int64 [G, GPTR_WIDTH]
-constexpr int G_LR_PTR = 0, G_COUNTER_PTR = 1;
-constexpr int GPTR_WIDTH = 2;
+constexpr int G_LR_PTR = 0, G_COUNTER_PTR = 1, G_SCHED_PTR = 2;
+constexpr int GPTR_WIDTH = 3;
+
+// LR_SCHEDULE (fusedopt/schedules.py): the group's lr of update t is H_LR * f(t - 1), f given by a
+// float64 vector at G_SCHED_PTR: its kind, the warmup steps, six parameters whose meaning depends
+// on the kind (step_math.h's schedule_factor), then a count and that many milestones (multistep).
+constexpr int SP_KIND = 0, SP_WARMUP = 1, SP_A = 2, SP_B = 3, SP_C = 4, SP_D = 5, SP_E = 6,
+              SP_F = 7, SP_N = 8, SP_MILESTONES = 9;
+constexpr int SK_CONSTANT = 1, SK_LINEAR = 2, SK_COSINE = 3, SK_COSINE_RESTARTS = 4,
+              SK_POLYNOMIAL = 5, SK_INVERSE_SQRT = 6, SK_WSD = 7, SK_EXPONENTIAL = 8,
+              SK_MULTISTEP = 9;
+// the warm-up and decay shapes of wsd
+constexpr int SHAPE_LINEAR = 0, SHAPE_COSINE = 1, SHAPE_1_SQRT = 2;
 
 // per group, float64 [G, HYPER_WIDTH]
 constexpr int H_LR = 0, H_MODE = 1, H_NOAM_SCALE = 2, H_NOAM_WARMUP = 3;

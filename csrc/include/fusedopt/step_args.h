@@ -328,18 +328,23 @@ struct StepArgs {
     check_dtype(i, code, what, k, false, *t, dtype);
   }
 
-  // A Noam group's counter must be one of `counters` (the kernels write it); a tensor lr's
-  // address is read only and not in any list, so only its presence is checked.
+  // A Noam or schedule group's counter must be one of `counters` (the kernels write it); a tensor
+  // lr's address and a schedule's parameters are read only and not in any list, so only their
+  // presence is checked.
   void check_group_pointers() const {
     step_args_detail::ListedTensors counters_at(counters);
     const double* h = hyper.data_ptr<double>();
     const int64_t* ptrs = gptr.data_ptr<int64_t>();
     for (int64_t g = 0; g < n_groups(); ++g) {
       const double mode = h[g * HYPER_WIDTH + H_MODE];
-      if (mode == LR_NOAM) {
+      if (mode == LR_NOAM || mode == LR_SCHEDULE) {
         TORCH_CHECK(counters_at.find(ptrs[g * GPTR_WIDTH + G_COUNTER_PTR]) != nullptr,
-                    "fusedopt: group ", g, " takes its lr from a Noam schedule, and its counter "
-                    "address in gptr is not one of counters");
+                    "fusedopt: group ", g, " takes its lr from a ",
+                    mode == LR_NOAM ? "Noam schedule" : "schedule",
+                    ", and its counter address in gptr is not one of counters");
+        TORCH_CHECK(mode == LR_NOAM || ptrs[g * GPTR_WIDTH + G_SCHED_PTR] != 0, "fusedopt: group ",
+                    g, " takes its lr from a schedule, and gptr holds no address for its "
+                    "parameters");
       } else if (mode == LR_TENSOR) {
         TORCH_CHECK(ptrs[g * GPTR_WIDTH + G_LR_PTR] != 0, "fusedopt: group ", g,
                     " takes its lr from a tensor, and gptr holds no address for it");
