@@ -46,6 +46,7 @@ class DeviceTables:
         self.columns = columns  # optimizer hyperparameter name -> column in the group table
         self.chunk = chunk  # elements per chunk (one kernel program)
         self._tkey = self._layout = self._gkey = self._hkey = None
+        self.has_schedule = False
         self._buffers = {}  # name -> the device buffer its table is a view of
         self._spares = {}  # name -> a pinned host buffer reserved for an upload during capture
         self._kept = []  # buffers a captured graph may still read or copy from
@@ -176,7 +177,8 @@ class DeviceTables:
             self._bucket_ranges(work.buckets, layout[0])
         if hkey != self._hkey:
             self.glr = self._buffer("glr", (len(hkey),), torch.float64, zero=True)
-        self._tkey, self._layout, self._gkey, self._hkey = tkey, layout, gkey, hkey
+        self._tkey, self._layout, self._gkey = tkey, layout, gkey
+        self._set_hkey(hkey)
         if not capturing:
             self._reserve_spares()
         return self
@@ -218,7 +220,7 @@ class DeviceTables:
             self._host[name] = host
         if grad_addrs is not None:
             self._gkey = None  # an update() after this compares against nothing: it uploads
-        self._hkey = hkey
+        self._set_hkey(hkey)
         if not capturing:
             self._reserve_spares()
         return self
@@ -226,6 +228,13 @@ class DeviceTables:
     def bucket_ranges(self):
         """(Bucket, chunk-table view, index of its first chunk) per bucket with chunks."""
         return [(d, c, first) for (d, c), first in zip(self.bucket_chunks, self.bucket_offsets)]
+
+    def _set_hkey(self, hkey):
+        """The group rows the tables hold now; ``has_schedule``: whether any group's lr is an
+        LR_SCHEDULE (the Triton prologue evaluates schedules only then)."""
+        if hkey is not self._hkey:
+            self.has_schedule = any(row[L.H_MODE] == L.LR_SCHEDULE for row, _ in hkey)
+        self._hkey = hkey
 
     def _group_row(self, glr, hyper):
         row = [0.0] * L.HYPER_WIDTH

@@ -111,27 +111,14 @@ def _f64(x):
 
 
 @triton.jit
-def _shape(shape, x, cycles, DECAY: tl.constexpr):
-    """wsd's warm-up (rising) or decay shapes at x in [0, 1] (step_math.h's schedule_*_shape)."""
-    if DECAY:
-        cos = 0.5 * (1.0 + tl.cos(_f64(PI) * cycles * 2.0 * x))
-        sqrt = 1.0 - tl.sqrt(tl.maximum(x, 0.0))
-        lin = 1.0 - x
-    else:
-        cos = 0.5 * (1.0 - tl.cos(_f64(PI) * x))
-        sqrt = 1.0 - tl.sqrt(tl.maximum(1.0 - x, 0.0))
-        lin = x
-    return tl.where(shape == SHAPE_COSINE, cos, tl.where(shape == SHAPE_1_SQRT, sqrt, lin))
-
-
-@triton.jit
 def schedule_factor(sp, u, live):
     """f(u) of each LR_SCHEDULE group (``sp``: the addresses of their SP_* vectors; ``u``: the
     updates before this one, float64): every kind's formula, then the group's. step_math.h's
     schedule_factor, operation for operation, except polynomial decay with a power other than 1,
     which is exp(power * log(x)) here (the interpreter has no pow), within a few float64 ulps of
-    libm's pow. Inputs the selected formula never sees are kept in range (no NaN or division by
-    zero in the others)."""
+    libm's pow. Each group needs at most one cosine and one square root at a time, so each is
+    taken once, of the argument its kind and phase select (the float64 cos is long code). Inputs
+    the selected formula never sees are kept in range (no NaN or division by zero)."""
     kind = tl.load(sp + SP_KIND, mask=live, other=0.0)
     w = tl.load(sp + SP_WARMUP, mask=live, other=0.0)
     a = tl.load(sp + SP_A, mask=live, other=0.0)
@@ -141,14 +128,24 @@ def schedule_factor(sp, u, live):
     e = tl.load(sp + SP_E, mask=live, other=0.0)
     f = tl.load(sp + SP_F, mask=live, other=0.0)
     n = tl.load(sp + SP_N, mask=live, other=0.0)
-    progress = (u - w) / tl.maximum(a - w, 1.0)
-    # linear (a: total); cosine (b: cycles, c: min_lr / lr); hard restarts (b: cycles)
+    pi = _f64(PI)
+    is_wsd = kind == SK_WSD
+    warming = u < w
+    progress = (u - w) / tl.maximum(a - w, 1.0)  # after the warm-up (a: total)
+    x = b * progress  # hard restarts (b: cycles)
+    up = u / tl.maximum(w, 1.0)  # wsd's warm-up, then decay (a: stable, b: decay steps)
+    down = (u - w - a) / tl.maximum(b, 1.0)
+    arg = tl.where(kind == SK_COSINE, pi * b * 2.0 * progress, pi * (x - tl.floor(x)))
+    arg = tl.where(is_wsd, tl.where(warming, pi * up, pi * f * 2.0 * down), arg)
+    cos = tl.cos(arg)
+    root = tl.where(warming, 1.0 - up, down)  # wsd's 1-sqrt shapes
+    root = tl.where(kind == SK_INVERSE_SQRT, (u + (a - w)) / tl.maximum(a, 1.0), root)
+    root = tl.sqrt(tl.maximum(root, 0.0))
+    # linear (a: total); cosine (b: cycles, c: min_lr / lr); hard restarts
     out = tl.where(kind == SK_LINEAR, tl.maximum((a - u) / tl.maximum(a - w, 1.0), 0.0), 1.0)
-    cos = 0.5 * (1.0 + tl.cos(_f64(PI) * b * 2.0 * progress))
-    out = tl.where(kind == SK_COSINE, tl.maximum(cos * (1.0 - c) + c, 0.0), out)
-    x = b * progress
-    wave = tl.maximum(0.5 * (1.0 + tl.cos(_f64(PI) * (x - tl.floor(x)))), 0.0)
-    out = tl.where(kind == SK_COSINE_RESTARTS, tl.where(progress >= 1.0, 0.0, wave), out)
+    out = tl.where(kind == SK_COSINE, tl.maximum(0.5 * (1.0 + cos) * (1.0 - c) + c, 0.0), out)
+    wave = tl.where(progress >= 1.0, 0.0, tl.maximum(0.5 * (1.0 + cos), 0.0))
+    out = tl.where(kind == SK_COSINE_RESTARTS, wave, out)
     # polynomial (b: end lr, c: power, d: initial lr)
     rem = 1.0 - progress
     powered = tl.exp(tl.log(tl.where(rem > 0.0, rem, 1.0)) * c)
@@ -158,17 +155,20 @@ def schedule_factor(sp, u, live):
     poly = tl.where(u > a, b / d_ok, ((d - b) * powered + b) / d_ok)
     out = tl.where(kind == SK_POLYNOMIAL, poly, out)
     # inverse square root (a: timescale)
-    arg = tl.where(kind == SK_INVERSE_SQRT, (u + (a - w)) / tl.maximum(a, 1.0), 1.0)
-    out = tl.where(kind == SK_INVERSE_SQRT, 1.0 / tl.sqrt(arg), out)
+    out = tl.where(kind == SK_INVERSE_SQRT, 1.0 / root, out)
     # every kind above (and constant) warms up linearly from 0
-    out = tl.where(u < w, u / tl.maximum(w, 1.0), out)
-    # wsd (a: stable, b: decay, c / d: shapes, e: min ratio, f: cycles)
-    up = _shape(c, u / tl.maximum(w, 1.0), f, False)
-    down = _shape(d, (u - w - a) / tl.maximum(b, 1.0), f, True)
-    wsd = tl.where(u < w + a + b, tl.maximum(down * (1.0 - e) + e, 0.0), e)
+    out = tl.where(warming, up, out)
+    # wsd (c / d: warm-up / decay shapes, e: min ratio, f: cycles)
+    rising = tl.where(
+        c == SHAPE_COSINE, 0.5 * (1.0 - cos), tl.where(c == SHAPE_1_SQRT, 1.0 - root, up)
+    )
+    falling = tl.where(
+        d == SHAPE_COSINE, 0.5 * (1.0 + cos), tl.where(d == SHAPE_1_SQRT, 1.0 - root, 1.0 - down)
+    )
+    wsd = tl.where(u < w + a + b, tl.maximum(falling * (1.0 - e) + e, 0.0), e)
     wsd = tl.where(u < w + a, 1.0, wsd)
-    wsd = tl.where(u < w, tl.maximum(up * (1.0 - e) + e, 0.0), wsd)
-    out = tl.where(kind == SK_WSD, wsd, out)
+    wsd = tl.where(warming, tl.maximum(rising * (1.0 - e) + e, 0.0), wsd)
+    out = tl.where(is_wsd, wsd, out)
     # exponential and multistep (a: gamma; n milestones): gamma ** (u, or the milestones <= u)
     k = tl.zeros_like(u)
     for j in range(0, tl.max(n.to(tl.int32), axis=0)):
@@ -182,9 +182,10 @@ def schedule_factor(sp, u, live):
 
 
 @triton.jit
-def resolve_group_lrs(hyper, gptr, glr, n_groups, BLOCK_G: tl.constexpr):
+def resolve_group_lrs(hyper, gptr, glr, n_groups, BLOCK_G: tl.constexpr, SCHED: tl.constexpr):
     """Write each group's lr for this step (float64) to ``glr``; advance the Noam and schedule
-    counters."""
+    counters. SCHED: some group's lr is an LR_SCHEDULE (compiled in only then: it is most of
+    this function's code and, interpreted, of its time)."""
     for g0 in range(0, n_groups, BLOCK_G):
         g = g0 + tl.arange(0, BLOCK_G)
         live = g < n_groups
@@ -203,11 +204,12 @@ def resolve_group_lrs(hyper, gptr, glr, n_groups, BLOCK_G: tl.constexpr):
         )
         count = tl.load(c_ptr, mask=counted, other=0.0) + 1.0
         tl.store(c_ptr, count, mask=counted)
-        sp = tl.load(gptr + g * GPTR_WIDTH + G_SCHED_PTR, mask=is_sched, other=0).to(
-            tl.pointer_type(tl.float64)
-        )
-        f = schedule_factor(sp, count.to(tl.float64) - 1.0, is_sched)
-        lr = tl.where(is_sched, lr * f, lr)
+        if SCHED:
+            sp = tl.load(gptr + g * GPTR_WIDTH + G_SCHED_PTR, mask=is_sched, other=0).to(
+                tl.pointer_type(tl.float64)
+            )
+            f = schedule_factor(sp, count.to(tl.float64) - 1.0, is_sched)
+            lr = tl.where(is_sched, lr * f, lr)
         t = tl.maximum(count.to(tl.float64), 1.0)
         scale = tl.load(h + H_NOAM_SCALE, mask=is_noam, other=0.0)
         warm = tl.load(h + H_NOAM_WARMUP, mask=is_noam, other=0.0)
@@ -394,13 +396,14 @@ def _groups_prologue(
     found_inf,
     HAS_INF: tl.constexpr,
     CLIP: tl.constexpr,
+    SCHED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """The optimizer-independent half of a step's prologue, one program: each group's lr (Noam
-    counters advanced), the clip coefficient; nothing when GradScaler found an inf/NaN. The
-    per-tensor half (adam.py, rmsprop.py) runs next, as a grid over tensors."""
+    and schedule counters advanced), the clip coefficient; nothing when GradScaler found an
+    inf/NaN. The per-tensor half (adam.py, rmsprop.py) runs next, as a grid over tensors."""
     live = live_count(1, found_inf, HAS_INF)
-    resolve_group_lrs(hyper, gptr, glr, n_groups * live, BLOCK)
+    resolve_group_lrs(hyper, gptr, glr, n_groups * live, BLOCK, SCHED)
     if CLIP:
         resolve_clip(partials, n_partials, clip, max_norm, live, BLOCK)
 
@@ -508,6 +511,7 @@ def run_step(tables, amp, prologue, main, **flags):
         inf,
         HAS_INF=found_inf is not None,
         CLIP=clip,
+        SCHED=tables.has_schedule,
         BLOCK=PROLOGUE_BLOCK,
         **LAUNCH_OPTIONS,
     )

@@ -7,7 +7,10 @@ unsupported ops) on machines where the kernels otherwise run only in the interpr
 
 import itertools
 import json
+import multiprocessing
+import os
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import triton
@@ -111,6 +114,7 @@ def variants():
         groups = {
             "HAS_INF": amp["HAS_INF"],
             "CLIP": amp["CLIP"],
+            "SCHED": amp["CLIP"],  # the lr schedules compiled in with the amp-on set only
             "BLOCK": multi_tensor.PROLOGUE_BLOCK,
         }
         yield f"groups_prologue[{amp['CLIP']}]", multi_tensor._groups_prologue, GROUPS_SIG, groups
@@ -164,25 +168,38 @@ def compile_variant(fn, sig, constexprs, arch):
     )
 
 
+def _row(job):
+    """Compile variant number ``i`` of variants() for ``arch``; its JSON row."""
+    arch, i = job
+    name, fn, sig, constexprs = list(variants())[i]
+    kernel = compile_variant(fn, sig, constexprs, arch)
+    ptx = kernel.asm["ptx"]
+    row = {
+        "arch": arch,
+        "kernel": name,
+        "ptx_bytes": len(ptx),
+        "cubin_bytes": len(kernel.asm["cubin"]),
+        "fma_f32": ptx.count("fma.rn.f32"),
+        "dtypes": [str(constexprs[k]) for k in ("DTYPE", "GDTYPE", "SDTYPE") if k in constexprs],
+    }
+    if arch == 90:  # what the SASS does with memory (benchmarks/kernel_report.py)
+        regs, stack, acc = kernel_report.analyze_cubin(kernel.asm["cubin"])
+        row.update(regs=regs, stack=stack, **{f"b{k}": v for k, v in acc.items()})
+    return json.dumps(row)
+
+
 def main(archs):
-    for arch in archs:
-        for name, fn, sig, constexprs in variants():
-            kernel = compile_variant(fn, sig, constexprs, arch)
-            ptx = kernel.asm["ptx"]
-            row = {
-                "arch": arch,
-                "kernel": name,
-                "ptx_bytes": len(ptx),
-                "cubin_bytes": len(kernel.asm["cubin"]),
-                "fma_f32": ptx.count("fma.rn.f32"),
-                "dtypes": [
-                    str(constexprs[k]) for k in ("DTYPE", "GDTYPE", "SDTYPE") if k in constexprs
-                ],
-            }
-            if arch == 90:  # what the SASS does with memory (benchmarks/kernel_report.py)
-                regs, stack, acc = kernel_report.analyze_cubin(kernel.asm["cubin"])
-                row.update(regs=regs, stack=stack, **{f"b{k}": v for k, v in acc.items()})
-            print(json.dumps(row))
+    """Every variant for every arch, on as many processes as there are cores (each compile is
+    single-threaded; on CI's 2 cores this halves the test's time), printed in order."""
+    jobs = [(arch, i) for arch in archs for i in range(len(list(variants())))]
+    workers = max(1, min(len(os.sched_getaffinity(0)), 8))
+    if workers == 1:
+        rows = map(_row, jobs)
+    else:
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        rows = pool.map(_row, jobs)
+    for row in rows:
+        print(row, flush=True)
 
 
 if __name__ == "__main__":
