@@ -110,8 +110,7 @@ def extensions():
             [
                 "csrc/binding.cpp",
                 "csrc/plan.cpp",
-                "csrc/cpu/adam.cpp",
-                "csrc/cpu/rmsprop.cpp",
+                "csrc/cpu/update.cpp",
                 "csrc/cpu/sumsq.cpp",
             ],
             include_dirs=include,
@@ -134,8 +133,7 @@ def extensions():
                 "fusedopt._cuda",
                 [
                     "csrc/cuda/binding.cpp",
-                    "csrc/cuda/adam.cu",
-                    "csrc/cuda/rmsprop.cu",
+                    "csrc/cuda/update.cu",
                     "csrc/cuda/sumsq.cu",
                 ],
                 include_dirs=include,

@@ -15,7 +15,6 @@
 #include "cpu/step.h"
 #include "fusedopt/layout.h"
 #include "fusedopt/step_args.h"
-#include "fusedopt/step_math.h"
 
 namespace {
 
@@ -103,54 +102,29 @@ void cpu_step(const fusedopt::StepArgs& a, Prologue prologue, Update update) {
   });
 }
 
-void adam_step_cpu(FUSEDOPT_STEP_PARAMS, bool has_amsgrad, int64_t) {
+void step_cpu(FUSEDOPT_STEP_PARAMS, int64_t optimizer, int64_t state_mask, int64_t) {
   const fusedopt::StepArgs a{FUSEDOPT_STEP_PARAM_NAMES};
-  check_args(a, [&](const double* h) { return fusedopt::cpu::adam_used_states(h, has_amsgrad); });
-  fusedopt::cpu::adam_run(a, has_amsgrad);
-}
-
-void rmsprop_step_cpu(FUSEDOPT_STEP_PARAMS, bool has_centered, bool has_momentum,
-                      int64_t) {
-  const fusedopt::StepArgs a{FUSEDOPT_STEP_PARAM_NAMES};
-  check_args(a, [&](const double* h) {
-    return fusedopt::cpu::rmsprop_used_states(h, has_centered, has_momentum);
-  });
-  fusedopt::cpu::rmsprop_run(a, has_centered, has_momentum);
+  const unsigned slots = fusedopt::check_optimizer(optimizer, state_mask);
+  check_args(a, [&](const double* h) { return fusedopt::cpu::used_slots(optimizer, h, slots); });
+  fusedopt::cpu::run(a, optimizer, slots);
 }
 
 }  // namespace
 
 namespace fusedopt::cpu {
 
-// m and v always; the AMSGrad maximum where the kernels use it (csrc/cpu/adam.cpp)
-unsigned adam_used_states(const double* h, bool has_amsgrad) {
-  const bool ams = has_amsgrad && static_cast<float>(h[adam_col::amsgrad]) != 0.0f;
-  return 0b011u | (ams ? 0b100u : 0u);
-}
-
-// the square average always; the momentum buffer and the grad average where the kernels use them
-// (csrc/cpu/rmsprop.cpp)
-unsigned rmsprop_used_states(const double* h, bool has_centered, bool has_momentum) {
-  const bool mom = has_momentum && static_cast<float>(h[rmsprop_col::momentum]) > 0.0f;
-  const bool cen = has_centered && static_cast<float>(h[rmsprop_col::centered]) != 0.0f;
-  return 0b001u | (mom ? 0b010u : 0u) | (cen ? 0b100u : 0u);
-}
-
-void adam_run(const StepArgs& a, bool has_amsgrad) {
-  cpu_step(a, adam_prologue, [&](int64_t bucket, auto... rest) {
-    adam_chunks(bucket, has_amsgrad, rest...);
-  });
-}
-
-void rmsprop_run(const StepArgs& a, bool has_centered, bool has_momentum) {
-  cpu_step(a, rmsprop_prologue, [&](int64_t bucket, auto... rest) {
-    rmsprop_chunks(bucket, has_centered, has_momentum, rest...);
-  });
+void run(const StepArgs& a, int64_t optimizer, unsigned slots) {
+  cpu_step(
+      a,
+      [&](auto... args) { prologue(optimizer, args...); },
+      [&](int64_t bucket, auto... rest) { update_chunks(optimizer, bucket, slots, rest...); });
 }
 
 }  // namespace fusedopt::cpu
 
-// One schema per optimizer. grad_scale / found_inf: torch.amp.GradScaler's tensors (grads are
+// One op for every optimizer: `optimizer` is layout.h's OPT_* code, `state_mask` says which
+// state slots some tensor of the call uses (bit k: slot k; the kernels compile the code of an
+// option that uses a slot only when some tensor has that slot). grad_scale / found_inf: torch.amp.GradScaler's tensors (grads are
 // unscaled in the kernel and written back; a step with found_inf != 0 changes nothing);
 // max_norm: clip by the global grad norm inside the update. bucket_dtypes: one code per bucket
 // (layout.h's BUCKET_*: the dtypes of param, grad and state; shadow; stochastic rounding).
@@ -163,9 +137,7 @@ void rmsprop_run(const StepArgs& a, bool has_centered, bool has_momentum) {
   "Tensor? found_inf, float? max_norm, "
 
 TORCH_LIBRARY(fusedopt, m) {
-  m.def("adam_step(" FUSEDOPT_STEP_ARGS "bool has_amsgrad, int stream=0) -> ()");
-  m.def("rmsprop_step(" FUSEDOPT_STEP_ARGS
-        "bool has_centered, bool has_momentum, int stream=0) -> ()");
+  m.def("step(" FUSEDOPT_STEP_ARGS "int optimizer, int state_mask, int stream=0) -> ()");
 }
 
 // Autograd: nothing to record (the ops are not differentiable and step() runs under no_grad), so
@@ -174,11 +146,9 @@ TORCH_LIBRARY(fusedopt, m) {
 // graph nodes for the parameters: most of the op's host time at 10,000 tensors (issue 12).
 // Versions: like torch's own fused optimizers, the step does not bump the parameters' versions.
 TORCH_LIBRARY_IMPL(fusedopt, Autograd, m) {
-  m.impl("adam_step", torch::CppFunction::makeFallthrough());
-  m.impl("rmsprop_step", torch::CppFunction::makeFallthrough());
+  m.impl("step", torch::CppFunction::makeFallthrough());
 }
 
 TORCH_LIBRARY_IMPL(fusedopt, CPU, m) {
-  m.impl("adam_step", &adam_step_cpu);
-  m.impl("rmsprop_step", &rmsprop_step_cpu);
+  m.impl("step", &step_cpu);
 }

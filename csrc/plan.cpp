@@ -26,6 +26,7 @@
 
 #include <cstring>
 
+#include "cpu/kernels.h"
 #include "cpu/step.h"
 #include "fusedopt/step_args.h"  // FUSEDOPT_STEP_PARAMS: the ops' shared parameters
 
@@ -92,15 +93,15 @@ struct Watched {
   py::object local;  // DTensor parameters: the local tensor object (FSDP2's shard); else None
   int64_t work = -1, slot = -1;  // where its grad goes; -1: it had no grad, and must still have none
   at::Tensor layout;             // the local parameter: the grad must have its shape and strides
-  py::object state;              // its state dict (slot >= 0)
+  py::object state;              // its state dict (slot >= 0; null when it has none)
   std::vector<std::pair<py::object, py::object>> entries;  // that dict's items
 };
 
 // What the op's checks saw in a checked call over CPU tables (see StepPlan::run).
 struct Verified {
   bool valid = false;
-  std::string op;
-  std::vector<bool> flags;
+  int64_t optimizer = -1;
+  int64_t state_mask = -1;
   std::vector<const c10::TensorImpl*> tables;  // the nine tables, in the op's order
   at::Tensor tmeta, chunks, gptr;              // copies of their contents
   std::vector<unsigned> used;                  // per group: the state slots the kernels touch
@@ -120,15 +121,9 @@ bool same_contents(const at::Tensor& a, const at::Tensor& b) {
          std::memcmp(a.const_data_ptr(), b.const_data_ptr(), a.nbytes()) == 0;
 }
 
-unsigned used_states(const std::string& op, const std::vector<bool>& flags, const double* h) {
-  return op == "adam" ? fusedopt::cpu::adam_used_states(h, flags[0])
-                      : fusedopt::cpu::rmsprop_used_states(h, flags[0], flags[1]);
-}
-
 // Per group, what of its hyperparameter row the kernels' memory accesses depend on: its lr mode
 // (which of gptr's addresses the prologue reads) and the state slots it touches.
-std::vector<unsigned> used_by_group(const std::string& op, const std::vector<bool>& flags,
-                                    const at::Tensor& hyper) {
+std::vector<unsigned> used_by_group(int64_t optimizer, unsigned slots, const at::Tensor& hyper) {
   std::vector<unsigned> out(static_cast<size_t>(hyper.size(0)));
   const double* h = hyper.const_data_ptr<double>();
   for (size_t g = 0; g < out.size(); ++g) {
@@ -136,7 +131,7 @@ std::vector<unsigned> used_by_group(const std::string& op, const std::vector<boo
     const double mode = row[fusedopt::H_MODE];
     const unsigned mode_bits = mode == fusedopt::LR_TENSOR ? 1u : mode == fusedopt::LR_NOAM ? 2u
                                                                                              : 0u;
-    out[g] = used_states(op, flags, row) | mode_bits << 8;
+    out[g] = fusedopt::cpu::used_slots(optimizer, row, slots) | mode_bits << 8;
   }
   return out;
 }
@@ -188,11 +183,15 @@ class StepPlan {
         TORCH_CHECK(w.work < static_cast<int64_t>(works_.size()) &&
                         w.slot < static_cast<int64_t>(works_[w.work].grads.size()),
                     "fusedopt: StepPlan: slot out of range");
+        // None: no state (fusedopt.SGD without momentum keeps none, as torch.optim.SGD); one
+        // created later changes the optimizer's state dict, which collect() compares
         PyObject* st = PyDict_GetItem(state.ptr(), w.param.ptr());
-        TORCH_CHECK(st != nullptr && PyDict_Check(st),
-                    "fusedopt: StepPlan: a parameter with a grad has no state");
-        w.state = py::reinterpret_borrow<py::object>(st);
-        w.entries = items_of(st);
+        TORCH_CHECK(st == nullptr || PyDict_Check(st),
+                    "fusedopt: StepPlan: a parameter's state is not a dict");
+        if (st != nullptr) {
+          w.state = py::reinterpret_borrow<py::object>(st);
+          w.entries = items_of(st);
+        }
       }
       watched_.push_back(std::move(w));
     }
@@ -231,7 +230,7 @@ class StepPlan {
       }
     }
     for (Watched& w : watched_) {
-      if (w.slot >= 0 && !same_items(w.state.ptr(), w.entries)) {
+      if (w.slot >= 0 && w.state && !same_items(w.state.ptr(), w.entries)) {
         return "a parameter's state changed";
       }
       std::string why = grad_of(w);
@@ -265,18 +264,18 @@ class StepPlan {
     return out;
   }
 
-  // One step of `op` ("adam" or "rmsprop") over work w's tensors and the given tables.
-  void run(int64_t w, const std::string& op, const at::Tensor& tmeta,
+  // One step of `optimizer` (layout.h's OPT_*) over work w's tensors and the given tables, its
+  // tensors using the state slots state_mask (the op's arguments).
+  void run(int64_t w, int64_t optimizer, const at::Tensor& tmeta,
            const at::Tensor& grads_meta, const at::Tensor& chunks, const at::Tensor& hyper,
            const at::Tensor& gptr, const at::Tensor& glr, const at::Tensor& scal,
            const at::Tensor& partials, const at::Tensor& clip, std::vector<int64_t> bucket_dtypes,
            std::vector<int64_t> bucket_offsets, int64_t chunk_size,
            const std::optional<at::Tensor>& grad_scale,
            const std::optional<at::Tensor>& found_inf, std::optional<double> max_norm,
-           std::vector<bool> flags, int64_t stream) {
+           int64_t state_mask, int64_t stream) {
     Work& k = works_.at(w);
-    TORCH_CHECK(op == "adam" ? flags.size() == 1 : op == "rmsprop" && flags.size() == 2,
-                "fusedopt: ", op, " is not adam (one flag) or rmsprop (two flags)");
+    const unsigned slots = fusedopt::check_optimizer(optimizer, state_mask);
     const at::Tensor* tables[] = {&tmeta, &grads_meta, &chunks,   &hyper, &gptr,
                                   &glr,   &scal,       &partials, &clip};
     if (tmeta.device().is_cpu()) {
@@ -285,43 +284,30 @@ class StepPlan {
                                  hyper,      gptr,           glr,           scal,
                                  partials,   clip,           bucket_dtypes, bucket_offsets,
                                  chunk_size, grad_scale,     found_inf,     max_norm};
-      if (unchanged_since_checked(k, op, flags, tables, a)) {
+      if (unchanged_since_checked(k, optimizer, state_mask, tables, a)) {
         // Everything the op's per-tensor checks look at is as a checked call saw it (the
         // tables' contents and the tensors they name: collect() checked those), except the
         // grads, whose addresses collect() took from grads it checked itself.
         ++trusted_runs_;
-        if (op == "adam") {
-          fusedopt::cpu::adam_run(a, flags[0]);
-        } else {
-          fusedopt::cpu::rmsprop_run(a, flags[0], flags[1]);
-        }
+        fusedopt::cpu::run(a, optimizer, slots);
         return;
       }
     }
-    const auto call = [&](auto& handle, auto... op_flags) {
-      handle.call(k.params, k.states, k.steps, k.counters, k.grads, tmeta, grads_meta, chunks,
-                  hyper, gptr, glr, scal, partials, clip, bucket_dtypes, bucket_offsets,
-                  chunk_size, grad_scale, found_inf, max_norm, op_flags..., stream);
-    };
     k.verified.valid = false;
-    if (op == "adam") {
-      static auto handle = typed_op<void(FUSEDOPT_STEP_PARAMS, bool, int64_t)>("adam_step");
-      call(handle, static_cast<bool>(flags[0]));
-    } else {
-      static auto handle =
-          typed_op<void(FUSEDOPT_STEP_PARAMS, bool, bool, int64_t)>("rmsprop_step");
-      call(handle, static_cast<bool>(flags[0]), static_cast<bool>(flags[1]));
-    }
+    static auto handle = typed_op<void(FUSEDOPT_STEP_PARAMS, int64_t, int64_t, int64_t)>("step");
+    handle.call(k.params, k.states, k.steps, k.counters, k.grads, tmeta, grads_meta, chunks, hyper,
+                gptr, glr, scal, partials, clip, bucket_dtypes, bucket_offsets, chunk_size,
+                grad_scale, found_inf, max_norm, optimizer, state_mask, stream);
     if (tmeta.device().is_cpu() && collected_) {  // the op checked all of it: remember what
       Verified& v = k.verified;
-      v.op = op;
-      v.flags = flags;
+      v.optimizer = optimizer;
+      v.state_mask = state_mask;
       v.tables.clear();
       for (const at::Tensor* t : tables) v.tables.push_back(t->unsafeGetTensorImpl());
       v.tmeta = tmeta.clone();
       v.chunks = chunks.clone();
       v.gptr = gptr.clone();
-      v.used = used_by_group(op, flags, hyper);
+      v.used = used_by_group(optimizer, slots, hyper);
       v.dtypes = bucket_dtypes;
       v.offsets = bucket_offsets;
       v.chunk_size = chunk_size;
@@ -371,11 +357,11 @@ class StepPlan {
   // with the same contents (the hyperparameter values aside, except for each group's lr mode and
   // the state slots its options select, which decide what the kernels read), the same buckets, and the grads' addresses collect() checked,
   // collected in this step (so every tensor the tables name is where the checked call saw it).
-  bool unchanged_since_checked(const Work& k, const std::string& op,
-                               const std::vector<bool>& flags, const at::Tensor* const* tables,
+  bool unchanged_since_checked(const Work& k, int64_t optimizer, int64_t state_mask,
+                               const at::Tensor* const* tables,
                                const fusedopt::StepArgs& a) const {
     const Verified& v = k.verified;
-    if (!v.valid || !collected_ || v.op != op || v.flags != flags ||
+    if (!v.valid || !collected_ || v.optimizer != optimizer || v.state_mask != state_mask ||
         v.chunk_size != a.chunk_size || v.dtypes != std::vector<int64_t>(a.bucket_dtypes.begin(),
                                                                          a.bucket_dtypes.end()) ||
         v.offsets !=
@@ -388,7 +374,7 @@ class StepPlan {
     a.check_tables();  // shapes and dtypes (cheap: no per-tensor work), GradScaler's scalars
     return same_contents(a.tmeta, v.tmeta) && same_contents(a.chunks, v.chunks) &&
            same_contents(a.gptr, v.gptr) && same_contents(a.grads_meta, k.grad_addrs) &&
-           used_by_group(op, flags, a.hyper) == v.used;
+           used_by_group(optimizer, static_cast<unsigned>(state_mask), a.hyper) == v.used;
   }
 
   bool collected_ = false;  // collect() succeeded this step (release() clears it)

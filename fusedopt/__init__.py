@@ -1,4 +1,4 @@
-"""fusedopt: torch.optim's Adam, AdamW and RMSprop as one fused multi-tensor pass per step.
+"""fusedopt: torch.optim's Adam, AdamW, RMSprop and SGD as one fused multi-tensor pass per step.
 
 opt = fusedopt.AdamW(model.parameters(), lr=fusedopt.Noam(d_model=512, warmup=4000))
 """
@@ -9,11 +9,13 @@ from .backends import NAMES as BACKENDS
 from .clip import clip_grad_norm_
 from .rmsprop import RMSprop
 from .schedule import Noam, NoamLR
+from .sgd import SGD
 
 __all__ = [
     "Adam",
     "AdamW",
     "RMSprop",
+    "SGD",
     "Noam",
     "NoamLR",
     "schedules",

@@ -12,6 +12,9 @@ the Noam counter (0 where unused).
 
 from typing import NamedTuple
 
+# the optimizers, as the native ops' ``optimizer`` argument names them (csrc/include/fusedopt/optim/)
+OPTIMIZERS = {"adam": 0, "rmsprop": 1, "sgd": 2}
+
 # how a group's lr is obtained
 LR_FLOAT, LR_TENSOR, LR_NOAM, LR_SCHEDULE = 0, 1, 2, 3
 
@@ -52,6 +55,13 @@ RMSPROP_COLS = {
     "centered": 8,
     "maximize": 9,
 }
+SGD_COLS = {
+    "momentum": 4,
+    "dampening": 5,
+    "weight_decay": 6,
+    "nesterov": 7,
+    "maximize": 8,
+}
 
 # per tensor scalars the step prologue writes and the main pass reads (float32 [T, SCAL_WIDTH])
 SCAL_WIDTH = 12
@@ -69,6 +79,8 @@ ADAM_SCAL = (
     "seed",  # the step, as float: stochastic rounding's seed
 )
 RMSPROP_SCAL = ("lr", "alpha", "w", "eps", "weight_decay", "momentum", "sign", "centered", "seed")
+# first: 1 on a tensor's first update (its momentum buffer starts as the gradient, as in torch)
+SGD_SCAL = ("lr", "momentum", "w", "weight_decay", "sign", "nesterov", "first", "seed")
 
 # the per-device clip buffer (float32 [2]): the coefficient the update multiplies grads by, and the
 # global grad norm (for logging)

@@ -2,6 +2,7 @@
 
 import torch
 
+from ._layout import ADAM_COLS
 from .optimizer import FusedOptimizer, check_common
 
 __all__ = ["Adam", "AdamW"]
@@ -31,6 +32,7 @@ class Adam(FusedOptimizer):
     """
 
     _op = "adam"
+    _columns = ADAM_COLS
     _state_names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
     def __init__(

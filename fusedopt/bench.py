@@ -92,6 +92,8 @@ OPTIMIZERS = (
     "adam",
     "adamw",
     "rmsprop",
+    "sgd",
+    "sgd-momentum",
     "adamw-noam",
     "adamw-cosine",
     "train-step",
@@ -104,6 +106,8 @@ SCHEDULED = {
     "adamw-cosine": "cosine",
     "train-step-cosine": "cosine",
 }
+# the optimizer's own arguments in a case (the same for fusedopt and torch)
+OPTION_KWARGS = {"sgd-momentum": {"momentum": 0.9}}
 CLIP_NORM = 1.0
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -117,7 +121,9 @@ def bytes_per_param(
 
     Adam/AdamW read p, g, m, v and write p, m, v; AMSGrad adds a read and a write of v_max.
     RMSprop reads p, g, v and writes p, v; momentum and centered add a read and a write each.
-    fp32 AdamW: 28 B, with AMSGrad 36 B; RMSprop: 20 B; all-bf16 AdamW: 14 B. The training step
+    SGD reads p, g and writes p; momentum adds a read and a write of the buffer.
+    fp32 AdamW: 28 B, with AMSGrad 36 B; RMSprop: 20 B; SGD: 12 B, with momentum 20 B;
+    all-bf16 AdamW: 14 B. The training step
     (clipping + AdamW) adds one read of the grads for the norm: 32 B. State in ``state_dtype``
     (fp32 params, bf16 moments: 20 B); with an fp32 ``master``, p is read and written in fp32 and
     the parameter written once more in its own dtype (bf16 params, fp32 master and moments: 28 B).
@@ -131,6 +137,9 @@ def bytes_per_param(
         extra = size if train_step else 0  # the norm pass reads every grad
     elif optimizer == "rmsprop":
         states = 1 + (1 if momentum else 0) + (1 if centered else 0)
+        extra = 0
+    elif optimizer.startswith("sgd"):  # "sgd-momentum" keeps a momentum buffer
+        states = 1 if momentum or optimizer == "sgd-momentum" else 0
         extra = 0
     else:
         raise ValueError(f"unknown optimizer {optimizer!r}")
@@ -198,14 +207,22 @@ def _factories(optimizer, device, dtype, names, compile_torch, precision="plain"
     scheduled = SCHEDULED.get(optimizer)
     base = "adamw" if scheduled else optimizer
     clip = CLIP_NORM if optimizer.startswith("train-step") else None
-    fcls = {"adam": "Adam", "adamw": "AdamW", "rmsprop": "RMSprop"}[base]
+    fcls = {"adam": "Adam", "adamw": "AdamW", "rmsprop": "RMSprop", "sgd": "SGD"}[
+        base.removesuffix("-momentum")
+    ]
+    hyper = OPTION_KWARGS.get(base, {})
     out = {}
     for name in names:
         lr = {"noam": NOAM, "cosine": COSINE}.get(scheduled, LR)
 
         def make(params, name=name, lr=lr):
             return getattr(__import__("fusedopt"), fcls)(
-                params, lr=lr, backend=name, max_grad_norm=clip, **PRECISIONS[precision][0]
+                params,
+                lr=lr,
+                backend=name,
+                max_grad_norm=clip,
+                **hyper,
+                **PRECISIONS[precision][0],
             ).step
 
         out[f"fusedopt {name}"] = make
@@ -224,7 +241,7 @@ def _factories(optimizer, device, dtype, names, compile_torch, precision="plain"
                     sched.step()
 
                 return step
-            return getattr(torch.optim, fcls)(params, lr=LR, **kwargs).step
+            return getattr(torch.optim, fcls)(params, lr=LR, **hyper, **kwargs).step
 
         return make
 
@@ -234,7 +251,7 @@ def _factories(optimizer, device, dtype, names, compile_torch, precision="plain"
 
         def make_compiled(params):
             opt = getattr(torch.optim, fcls)(
-                params, lr=torch.tensor(LR, device=device), foreach=True
+                params, lr=torch.tensor(LR, device=device), foreach=True, **hyper
             )
             return torch.compile(opt.step, fullgraph=False)
 
@@ -243,7 +260,7 @@ def _factories(optimizer, device, dtype, names, compile_torch, precision="plain"
         from apex.optimizers import FusedAdam  # noqa: PLC0415
     except Exception:  # noqa: BLE001 - not installed or broken: skip the provider
         FusedAdam = None
-    if FusedAdam is not None and device.type == "cuda" and base != "rmsprop":
+    if FusedAdam is not None and device.type == "cuda" and base in ("adam", "adamw"):
         out["apex FusedAdam"] = lambda params: (
             FusedAdam(params, lr=LR, adam_w_mode=base != "adam").step
         )

@@ -139,8 +139,12 @@ def _to_param_layout(value, p, dtype=None):
 class FusedOptimizer(torch.optim.Optimizer):
     """Base class. Subclasses define ``_op``, ``_state_names``, ``_validate`` and ``_hyper``."""
 
-    _op = None  # "adam" or "rmsprop": the backend op
-    _state_names = ()  # the three state slots, in kernel order
+    _op = None  # "adam", "rmsprop" or "sgd": the optimizer the backends run (_layout.OPTIMIZERS)
+    _columns = None  # _layout's <OP>_COLS: where _hyper's values go in the hyper table
+    _state_names = ()  # the three state slots, in kernel order (None: unused)
+    # torch.optim keeps a "step" in the state of Adam and RMSprop, not of SGD: there the kernels'
+    # per-parameter update count lives in self._steps instead, outside the state_dict
+    _step_in_state = True
 
     # torch.amp.GradScaler's contract for fused optimizers: it hands step() its scale and found_inf
     # tensors (as the attributes grad_scale and found_inf) instead of unscaling the grads itself.
@@ -165,6 +169,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._plan = None  # the cached step plan (see _fast_step), or None
         self._plan_stats = {"built": 0, "fast": 0, "why": None}  # for tests and benchmarks
         self._last_lr = {}  # group index -> 0-d device tensor of the lr the last step used
+        self._steps = {}  # parameter -> its update count, when not in the state (_step_in_state)
         super().__init__(params, defaults)
         if backend != "auto":
             for device in {p.device for g in self.param_groups for p in g["params"]}:
@@ -179,7 +184,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     def _needed(self, group):
-        """Which of the three state slots ``group``'s options use (the first always is)."""
+        """Which of the three state slots ``group``'s options use."""
         raise NotImplementedError
 
     def _hyper(self, group):
@@ -295,14 +300,15 @@ class FusedOptimizer(torch.optim.Optimizer):
             merged = {**self.defaults, **{k: v for k, v in saved.items() if k != "params"}}
             for key, p in zip(saved["params"], group["params"]):
                 owners[key] = (p, merged)
-        allowed = {"step", "master_param", *self._state_names}
+        step_key = {"step"} if self._step_in_state else set()
+        allowed = {*step_key, "master_param", *(n for n in self._state_names if n)}
         for key, st in state_dict["state"].items():
             if key not in owners:
                 continue
             p, merged = owners[key]
             if not isinstance(st, dict):
                 raise ValueError(f"fusedopt.{name}: the state of parameter {key} is not a dict")
-            required = {"step"} | {
+            required = step_key | {
                 n for n, needed in zip(self._state_names, self._needed(merged)) if needed
             }
             missing, foreign = required - set(st), set(st) - allowed
@@ -314,7 +320,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                     + f"; is it a checkpoint of another optimizer? {name} keeps "
                     f"{sorted(required)}"
                 )
-            for n in allowed - {"step"}:
+            for n in allowed - step_key:
                 if n in st and tuple(st[n].shape) != tuple(p.shape):
                     raise ValueError(
                         f"fusedopt.{name}: state '{n}' of parameter {key} has shape "
@@ -330,6 +336,16 @@ class FusedOptimizer(torch.optim.Optimizer):
         saved_keys = [set(g) for g in state_dict["param_groups"]]
         super().load_state_dict(state_dict)
         self._plan = None
+        if not self._step_in_state:
+            # The update counts are not in a state_dict: a parameter with state has had its
+            # first update (its momentum buffer is no longer the first gradient); one without
+            # starts from 0. Stochastic rounding's noise, seeded by the count, restarts.
+            self._steps = {
+                p: torch.ones((), dtype=torch.float32, device=p.device)
+                for g in self.param_groups
+                for p in g["params"]
+                if self.state.get(p)
+            }
         # The tables stay: they are refilled in place (a CUDA graph captured before may read them)
         self._last_lr.clear()
         for group, kept, saved in zip(self.param_groups, precision, saved_keys):
@@ -380,7 +396,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                         .reshape(())
                     )
                 for name in self._state_names:
-                    if name in st:
+                    if name and name in st:
                         st[name] = _to_param_layout(st[name], p, _state_dtype(group, p))
                 if "master_param" in st:
                     st["master_param"] = _to_param_layout(st["master_param"], p, torch.float32)
@@ -388,6 +404,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     def __setstate__(self, state):
         super().__setstate__(state)
         self.__dict__.setdefault("_plan_stats", {"built": 0, "fast": 0, "why": None})
+        self.__dict__.setdefault("_steps", {})
         self._plan = None
         for group in self.param_groups:
             for key, value in {**PRECISION_DEFAULTS, **self._group_key_defaults()}.items():
@@ -397,6 +414,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         return {}
 
     # ----------------------------------------------------------------- internals
+    def _step_of(self, p):
+        """``p``'s update count (a float32 0-d tensor on its device), or None before its first
+        step."""
+        if self._step_in_state:
+            return self.state.get(p, {}).get("step")
+        return self._steps.get(p)
+
     def _noam_device(self, group):
         devices = {p.device for p in group["params"]}
         if len(devices) > 1:
@@ -463,7 +487,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             )
         for device, items in by_device.items():
             if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-                if any("step" not in self.state.get(p, {}) for _, p, _, _ in items):
+                if any(self._step_of(p) is None for _, p, _, _ in items):
                     raise RuntimeError(
                         f"fusedopt.{name}: a parameter's first step creates its state and cannot "
                         "be captured in a CUDA graph. Run one eager step before capturing (as "
@@ -488,11 +512,18 @@ class FusedOptimizer(torch.optim.Optimizer):
         work.grad_copies = []
         for gi, p, g, bucket in work.slots:
             group = self.param_groups[gi]
-            st = self.state[p]
-            if "step" not in st:
-                st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            needs = self._needed(group)
+            # no entry for a parameter without state (fusedopt.SGD, no momentum: as torch's)
+            st = self.state[p] if self._step_in_state or any(needs) or bucket.shadow else {}
+            step = self._step_of(p)
+            if step is None:
+                step = torch.zeros((), dtype=torch.float32, device=p.device)
+                if self._step_in_state:
+                    st["step"] = step
+                else:
+                    self._steps[p] = step
             states = []
-            for name, needed in zip(self._state_names, self._needed(group)):
+            for name, needed in zip(self._state_names, needs):
                 if needed and name not in st:
                     st[name] = torch.zeros_like(
                         p, dtype=bucket.state, memory_format=torch.preserve_format
@@ -511,7 +542,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 work.grad_copies.append((g, copy))  # unscaled write-back: copied back after
                 g = copy
             states = tuple(None if t is None else _local(t) for t in states)
-            slots.append(Slot(gi, target, g, st["step"], states, bucket, shadow, p))
+            slots.append(Slot(gi, target, g, step, states, bucket, shadow, p))
         order = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
         slots.sort(key=lambda s: tuple(order.get(x, x) for x in s.bucket))
         work.slots = slots
@@ -585,6 +616,15 @@ def nonnegative(value):
 
 def check_common(lr, eps, weight_decay, in_step=False):
     """The checks torch.optim's Adam/AdamW/RMSprop share, with torch's messages."""
+    check_lr(lr, in_step)
+    if not nonnegative(eps):
+        raise ValueError(f"Invalid epsilon value: {eps}")
+    if not nonnegative(weight_decay):
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+
+
+def check_lr(lr, in_step=False):
+    """torch.optim's lr check: a 1-element tensor or a float >= 0 (or a fusedopt schedule)."""
     if isinstance(lr, torch.Tensor):
         if lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
@@ -593,7 +633,3 @@ def check_common(lr, eps, weight_decay, in_step=False):
                 raise ValueError(f"Invalid learning rate: {lr}")
     elif not isinstance(lr, Schedule) and not nonnegative(lr):
         raise ValueError(f"Invalid learning rate: {lr}")
-    if not nonnegative(eps):
-        raise ValueError(f"Invalid epsilon value: {eps}")
-    if not nonnegative(weight_decay):
-        raise ValueError(f"Invalid weight_decay value: {weight_decay}")

@@ -1,5 +1,6 @@
 """``fusedopt.RMSprop``: a drop-in replacement for ``torch.optim.RMSprop``, fused."""
 
+from ._layout import RMSPROP_COLS
 from .optimizer import FusedOptimizer, check_common, nonnegative
 
 __all__ = ["RMSprop"]
@@ -14,6 +15,7 @@ class RMSprop(FusedOptimizer):
     """
 
     _op = "rmsprop"
+    _columns = RMSPROP_COLS
     _state_names = ("square_avg", "momentum_buffer", "grad_avg")
 
     def __init__(

@@ -237,6 +237,8 @@ def _adam_block(
     tl.store(v_ptr + offs, cast_out(v, SDTYPE), mask=mask)
 
 
-def adam_step(tables, amp, has_amsgrad):
-    """One Adam/AdamW step over ``tables``; ``amp`` as ``multi_tensor.run_step`` takes it."""
-    run_step(tables, amp, _adam_prologue, _adam_main, HAS_AMSGRAD=has_amsgrad)
+def step(tables, amp, state_mask):
+    """One Adam/AdamW step over ``tables``; ``amp`` as ``multi_tensor.run_step`` takes it;
+    ``state_mask``: the state slots some tensor has (the AMSGrad maximum, slot 2, compiles its
+    code in)."""
+    run_step(tables, amp, _adam_prologue, _adam_main, HAS_AMSGRAD=bool(state_mask & 4))

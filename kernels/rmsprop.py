@@ -229,13 +229,15 @@ def _rmsprop_block(
     tl.store(sq_ptr + offs, cast_out(sq, SDTYPE), mask=mask)
 
 
-def rmsprop_step(tables, amp, has_centered, has_momentum):
-    """One RMSprop step over ``tables``; ``amp`` as ``multi_tensor.run_step`` takes it."""
+def step(tables, amp, state_mask):
+    """One RMSprop step over ``tables``; ``amp`` as ``multi_tensor.run_step`` takes it;
+    ``state_mask``: the state slots some tensor has (the momentum buffer, slot 1, and the grad
+    average, slot 2, compile their code in)."""
     run_step(
         tables,
         amp,
         _rmsprop_prologue,
         _rmsprop_main,
-        HAS_CENTERED=has_centered,
-        HAS_MOMENTUM=has_momentum,
+        HAS_CENTERED=bool(state_mask & 4),
+        HAS_MOMENTUM=bool(state_mask & 2),
     )

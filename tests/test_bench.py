@@ -26,6 +26,9 @@ from fusedopt import bench
         ("rmsprop", torch.float32, {"momentum": True}, 28),
         ("rmsprop", torch.float32, {"momentum": True, "centered": True}, 36),
         ("rmsprop", torch.float16, {}, 10),
+        ("sgd", torch.float32, {}, 12),
+        ("sgd-momentum", torch.float32, {}, 20),
+        ("sgd", torch.bfloat16, {}, 6),
     ],
 )
 def test_bytes_per_param(optimizer, dtype, flags, expected):

@@ -53,12 +53,10 @@ def step_call(opt):
         "found_inf": work.amp["found_inf"],
         "max_norm": work.amp["max_norm"],
     }
-    if opt._op == "adam":
-        kw["has_amsgrad"] = any(s.states[2] is not None for s in slots)
-        return torch.ops.fusedopt.adam_step, kw
-    kw["has_centered"] = any(s.states[2] is not None for s in slots)
-    kw["has_momentum"] = any(s.states[1] is not None for s in slots)
-    return torch.ops.fusedopt.rmsprop_step, kw
+    kw["optimizer"] = L.OPTIMIZERS[opt._op]
+    used = {k for s in slots for k, t in enumerate(s.states) if t is not None}
+    kw["state_mask"] = sum(1 << k for k in used)
+    return torch.ops.fusedopt.step, kw
 
 
 def _params(shapes, dtype=torch.float32, seed=0):

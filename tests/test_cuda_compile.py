@@ -22,15 +22,15 @@ ROOT = Path(__file__).resolve().parents[1]
 CUDA_DIR = ROOT / "csrc" / "cuda"
 SOURCES = sorted(CUDA_DIR.glob("*.cu"))
 ARCHS = ("80", "90")
-# Kernels per arch: the prologue's two plus the main kernel for each bucket with kernels (11:
-# csrc/cuda/multi_tensor.cuh's SupportedBuckets, the (param, grad, state) dtypes with the shadow and
-# stochastic rounding) x the template flags (adam: HAS_AMSGRAD; rmsprop: HAS_CENTERED x
-# HAS_MOMENTUM; both: HAS_SCALE, GradScaler's unscaling); the clipping pre-pass (sumsq.cu) for the
-# 3 grad dtypes and the clipping reduction's first stage.
+# Kernels per arch. update.cu: per optimizer its prologue's two kernels, and a main kernel for
+# each bucket with kernels (11: csrc/cuda/multi_tensor.cuh's SupportedBuckets, the (param, grad,
+# state) dtypes with the shadow and stochastic rounding) x each set of the state slots its
+# options use (adam: the AMSGrad maximum, 2; rmsprop: momentum and centered, 4; sgd: momentum,
+# 2) x GradScaler's unscaling (HAS_SCALE, 2). sumsq.cu: the clipping pre-pass for the 3 grad
+# dtypes and the clipping reduction's first stage.
 N_BUCKETS = 11
 KERNELS_PER_ARCH = {
-    "adam.cu": 2 + N_BUCKETS * 2 * 2,
-    "rmsprop.cu": 2 + N_BUCKETS * 4 * 2,
+    "update.cu": 3 * 2 + N_BUCKETS * (2 + 4 + 2) * 2,
     "sumsq.cu": 3 + 1,
 }
 TORCH_DEFINES = kernel_report.TORCH_DEFINES
@@ -47,8 +47,8 @@ def _find_nvcc():
     return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
 
 
-def _nvcc_command(nvcc, src, out):
-    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHS]
+def _nvcc_command(nvcc, src, out, archs=ARCHS):
+    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
     include = ["-I", str(ROOT / "csrc" / "include")]
     flags = ["-c", "-std=c++17", "-O3", "-fmad=false", "-Xptxas", "-v", *TORCH_DEFINES]
     return [nvcc, *flags, *include, *gencode, "-o", str(out), str(src)]
@@ -88,22 +88,38 @@ def _short_names(mangled):
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
-    """(source, nvcc result, seconds, object file) per .cu file, compiled two at a time."""
+    """(source, nvcc result, seconds, {arch: object file}) per .cu file. Each (file, arch) is
+    compiled apart, two at a time: update.cu holds nearly every kernel, so two files at a time
+    would leave one core idle most of the time."""
     nvcc = _find_nvcc()
     if nvcc is None:
         pytest.skip("nvcc not found (neither on PATH, in $CUDA_HOME/bin nor /usr/local/cuda/bin)")
     out_dir = tmp_path_factory.mktemp("cuda_objects")
 
-    def build(src):
+    def build(job):
+        src, arch = job
         t0 = time.perf_counter()
-        obj = out_dir / f"{src.stem}.o"
+        obj = out_dir / f"{src.stem}.sm_{arch}.o"
         res = subprocess.run(
-            _nvcc_command(nvcc, src, obj), capture_output=True, text=True, timeout=600
+            _nvcc_command(nvcc, src, obj, (arch,)), capture_output=True, text=True, timeout=600
         )
-        return src, res, time.perf_counter() - t0, obj
+        return src, arch, res, time.perf_counter() - t0, obj
 
+    jobs = [(src, arch) for src in SOURCES for arch in ARCHS]
     with ThreadPoolExecutor(max_workers=2) as pool:
-        return list(pool.map(build, SOURCES))
+        results = list(pool.map(build, jobs))
+    merged = []
+    for src in SOURCES:
+        mine = [r for r in results if r[0] == src]
+        res = subprocess.CompletedProcess(
+            [r[2].args for r in mine],
+            max(r[2].returncode for r in mine),
+            "".join(r[2].stdout for r in mine),
+            "".join(r[2].stderr for r in mine),
+        )
+        objs = {r[1]: r[4] for r in mine}
+        merged.append((src, res, sum(r[3] for r in mine), objs))
+    return merged
 
 
 def test_kernels_compile_for_sm80_sm90_without_spills(compiled):
@@ -137,7 +153,7 @@ def test_main_kernels_use_128_bit_accesses_at_sm90(compiled):
     wide = {}  # 64-bit accesses of each main kernel, by (kernel, bucket, template flags)
     for _src, res, _, obj in compiled:
         assert res.returncode == 0, res.stderr[-3000:]
-        for name, regs, _stack, acc in kernel_report.cuda_object_kernels(obj, 90):
+        for name, regs, _stack, acc in kernel_report.cuda_object_kernels(obj["90"], 90):
             # The groups' prologue evaluates the lr schedules: CUDA's float64 cos keeps its
             # argument reduction's table in a 40-byte local array (the slow path, for huge
             # arguments). Nothing spills there either (the test above); every other kernel has
@@ -149,10 +165,10 @@ def test_main_kernels_use_128_bit_accesses_at_sm90(compiled):
                 assert acc["128"] > 0, f"{name}: no 128-bit access: {dict(acc)}"
             if "main_kernel" in name:
                 assert regs <= 72, (name, regs)  # 32-66 when written (kernel_report)
-                kernel, rest = name.split("<Bucket<", 1)
+                kernel, rest = name.split("Bucket<", 1)
                 bucket, flags = rest.split(">", 1)
                 wide[kernel, bucket, flags] = acc["64"]
-    assert seen == sum(KERNELS_PER_ARCH.values()) - 5  # all but the prologues and clip stage
+    assert seen == sum(KERNELS_PER_ARCH.values()) - 7  # all but the prologues and clip stage
     # 16 bytes per access for every array of every bucket, mixed ones too (kVec: 16 bytes of the
     # narrowest dtype): 64-bit accesses are the tables' int64 reads only, as many as the fp32
     # bucket's with the same flags, plus one for a master's shadow address. With kVec sized by

@@ -62,8 +62,9 @@ def test_header_matches_python_layout():
     sched += "SK_POLYNOMIAL SK_INVERSE_SQRT SK_WSD SK_EXPONENTIAL SK_MULTISTEP".split()
     sched += "SHAPE_LINEAR SHAPE_COSINE SHAPE_1_SQRT".split()
     expected.update({k: getattr(L, k) for k in sched})
-    expected.update({f"adam_col.{k}": v for k, v in L.ADAM_COLS.items()})
-    expected.update({f"rmsprop_col.{k}": v for k, v in L.RMSPROP_COLS.items()})
-    expected.update({f"adam_scal.{k}": i for i, k in enumerate(L.ADAM_SCAL)})
-    expected.update({f"rmsprop_scal.{k}": i for i, k in enumerate(L.RMSPROP_SCAL)})
+    expected.update({f"OPT_{k.upper()}": v for k, v in L.OPTIMIZERS.items()})
+    for name in L.OPTIMIZERS:
+        cols, scal = getattr(L, f"{name.upper()}_COLS"), getattr(L, f"{name.upper()}_SCAL")
+        expected.update({f"{name}_col.{k}": v for k, v in cols.items()})
+        expected.update({f"{name}_scal.{k}": i for i, k in enumerate(scal)})
     assert {k: c.get(k) for k in expected} == expected

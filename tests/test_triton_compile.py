@@ -28,9 +28,10 @@ def test_kernels_compile_for_nvidia_targets():
         pytest.skip("this triton build has no ptxas to compile with")
     assert out.returncode == 0, out.stderr[-4000:]
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-    # per arch: amp off (3 prologues: groups, adam, rmsprop; 3 sumsq, 3 dtypes x 6 main) + on
-    # (same, the clipping reduction's first stage, 3 mixed x 6 main)
-    assert len(rows) == 2 * ((3 + 3 + 3 * 6) + (3 + 1 + 3 + 6 * 6))
+    # per arch: amp off (4 prologues: groups, adam, rmsprop, sgd; 3 sumsq; 3 dtypes x 8 main:
+    # adam 2, rmsprop 4, sgd 2 flag sets) + on (the same, the clipping reduction's first stage,
+    # 3 mixed precisions x 8 main)
+    assert len(rows) == 2 * ((4 + 3 + 3 * 8) + (4 + 1 + 3 + 6 * 8))
     assert all(r["cubin_bytes"] > 0 for r in rows)
     # explicit FMAs only: the same count on both archs for each kernel
     by_kernel = {}

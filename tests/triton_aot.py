@@ -18,7 +18,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from fusedopt.kernels import adam, multi_tensor, rmsprop
+from fusedopt.kernels import adam, multi_tensor, rmsprop, sgd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import kernel_report  # noqa: E402
@@ -88,6 +88,12 @@ AMP = (
     {"HAS_SCALE": True, "HAS_INF": True, "CLIP": True},
 )
 MAIN = {"BLOCK": multi_tensor.BLOCK, "ITERS": 4}
+# each optimizer's per-tensor prologue, main pass and the constexpr flags of its main pass
+OPTIMIZERS = {
+    "adam": (adam._adam_prologue, adam._adam_main, ("HAS_AMSGRAD",)),
+    "rmsprop": (rmsprop._rmsprop_prologue, rmsprop._rmsprop_main, ("HAS_CENTERED", "HAS_MOMENTUM")),
+    "sgd": (sgd._sgd_prologue, sgd._sgd_main, ("HAS_MOMENTUM",)),
+}
 
 
 def _precisions(amp_on):
@@ -125,8 +131,8 @@ def variants():
             }
             yield "clip_partials", multi_tensor._clip_partials, CLIP_PARTIALS_SIG, reduce
         flags = {"HAS_INF": amp["HAS_INF"], "BLOCK_T": multi_tensor.PROLOGUE_BLOCK}
-        yield f"adam_prologue[{amp['HAS_INF']}]", adam._adam_prologue, PROLOGUE_SIG, flags
-        yield f"rmsprop_prologue[{amp['HAS_INF']}]", rmsprop._rmsprop_prologue, PROLOGUE_SIG, flags
+        for name, (prologue, _, _) in OPTIMIZERS.items():
+            yield f"{name}_prologue[{amp['HAS_INF']}]", prologue, PROLOGUE_SIG, flags
         for dtype in multi_tensor.TL_DTYPE.values():
             yield (
                 f"sumsq[{dtype},{amp['HAS_SCALE']}]",
@@ -135,20 +141,16 @@ def variants():
                 {"DTYPE": dtype, "HAS_SCALE": amp["HAS_SCALE"], "HAS_INF": amp["HAS_INF"], **MAIN},
             )
         for precision in _precisions(amp["CLIP"]):
-            for ams in (False, True):
-                yield (
-                    f"adam_main[{precision},amsgrad={ams},{amp}]",
-                    adam._adam_main,
-                    {**MAIN_SIG, "HAS_AMSGRAD": "constexpr"},
-                    {"HAS_AMSGRAD": ams, **_main_flags(precision, amp)},
-                )
-            for c, m in itertools.product((False, True), (False, True)):
-                yield (
-                    f"rmsprop_main[{precision},centered={c},momentum={m},{amp}]",
-                    rmsprop._rmsprop_main,
-                    {**MAIN_SIG, "HAS_CENTERED": "constexpr", "HAS_MOMENTUM": "constexpr"},
-                    {"HAS_CENTERED": c, "HAS_MOMENTUM": m, **_main_flags(precision, amp)},
-                )
+            for name, (_, main, options) in OPTIMIZERS.items():
+                for values in itertools.product((False, True), repeat=len(options)):
+                    chosen = dict(zip(options, values))
+                    label = ",".join(f"{k}={v}" for k, v in chosen.items())
+                    yield (
+                        f"{name}_main[{precision},{label},{amp}]",
+                        main,
+                        {**MAIN_SIG, **dict.fromkeys(options, "constexpr")},
+                        {**chosen, **_main_flags(precision, amp)},
+                    )
 
 
 def launch_options(constexprs):

@@ -14,6 +14,7 @@
 #include <type_traits>
 
 #include "fusedopt/layout.h"
+#include "fusedopt/element_math.h"
 #include "fusedopt/step_math.h"
 
 namespace fusedopt::cpu {
@@ -71,32 +72,6 @@ static inline void st(typename Storage<D>::type* p, int64_t i, float x) {
 template <int D>
 static inline typename Storage<D>::type* addr(int64_t a) {
   return reinterpret_cast<typename Storage<D>::type*>(a);
-}
-
-// step_math.h's lerp (torch's), bit for bit, with its choice of end made once per loop: the loop
-// body then holds a select only. (step_math's form, w - 1 computed in the loop, leaves the larger
-// loops with control flow that the AVX2 clone does not vectorize.)
-struct Lerp {
-  bool from_a;
-  float w;
-  explicit Lerp(float weight) : from_a(weight < 0.5f), w(from_a ? weight : weight - 1.0f) {}
-  float operator()(float a, float b) const { return fmaf(w, b - a, from_a ? a : b); }
-};
-
-// murmur3's 32-bit finalizer: the stochastic-rounding noise (kernels/multi_tensor.py's _mix32).
-static inline uint32_t mix32(uint32_t x) {
-  x ^= x >> 16;
-  x *= 0x85EBCA6Bu;
-  x ^= x >> 13;
-  x *= 0xC2B2AE35u;
-  return x ^ (x >> 16);
-}
-
-// The per-(tensor, step) seed of stochastic rounding: t is the tensor's row in tmeta, step the
-// prologue's step (scal's seed column, a float holding an integer).
-static inline uint32_t stochastic_seed(int64_t t, float step) {
-  return mix32(mix32(static_cast<uint32_t>(t)) ^
-               static_cast<uint32_t>(static_cast<int64_t>(step)));
 }
 
 // float -> bf16 rounded up with probability equal to the dropped fraction: 16 noise bits, a hash
@@ -161,7 +136,7 @@ inline bool with_bucket(int64_t code, F&& f) {
 // Stores the updated parameter x (float32) at element i: stochastically rounded or rounded to
 // nearest even; with a master, also rounded to nearest even into the shadow (in the grad dtype).
 template <class K>
-static inline void store_param(typename K::PT* p, typename K::GT* shadow, int64_t i, float x,
+static inline void write_param(typename K::PT* p, typename K::GT* shadow, int64_t i, float x,
                                uint32_t seed) {
   if constexpr (K::stochastic) store_bf16_stochastic(p, i, x, seed);
   else st<K::param>(p, i, x);

@@ -6,13 +6,8 @@
 
 namespace fusedopt::cpu {
 
-// Which state slots the kernels touch for a tensor of the group whose hyperparameter row is `h`
-// (bit k: slot T_S0 + k), as the kernels decide it.
-unsigned adam_used_states(const double* h, bool has_amsgrad);
-unsigned rmsprop_used_states(const double* h, bool has_centered, bool has_momentum);
-
-// The step itself, after StepArgs::check_layout, check_contents and the bucket check.
-void adam_run(const StepArgs& a, bool has_amsgrad);
-void rmsprop_run(const StepArgs& a, bool has_centered, bool has_momentum);
+// The step itself (layout.h's OPT_* optimizer, over tensors that use the state slots `slots`),
+// after StepArgs::check_layout, check_contents and the bucket check.
+void run(const StepArgs& a, int64_t optimizer, unsigned slots);
 
 }  // namespace fusedopt::cpu

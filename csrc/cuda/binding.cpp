@@ -70,14 +70,14 @@ void check_args(const fusedopt::StepArgs& a) {
 // the prologue (which also adds the stage's sums into the clip coefficient); the update per
 // bucket.
 // prologue(found_inf, partials, n_partials, max_norm, clip, clip_buf, stream) and
-// main(b, bucket code, grad_scale, found_inf, clip_buf, stream) launch the optimizer's kernels.
+// main(b, bucket code, grad_scale, found_inf, clip_buf, stream) launch the optimizer's kernels
+// (csrc/cuda/update.cu).
 // bucket_dtypes holds one bucket code per bucket (layout.h's BUCKET_*: the dtypes of parameter,
 // grads and state, and whether there is a shadow / stochastic rounding).
 // Runs on the tables' device (a guard for the whole op: the kernels launch on the current device,
 // which need not be the parameters').
 template <typename Prologue, typename Main>
-void cuda_step(const fusedopt::StepArgs& a, int64_t stream, const char* prologue_name,
-               const char* main_name, Prologue prologue, Main main) {
+void cuda_step(const fusedopt::StepArgs& a, int64_t stream, Prologue prologue, Main main) {
   check_args(a);
   const c10::DeviceGuard guard(a.device());
   const float* scale = fusedopt::scalar_ptr(a.grad_scale, a.device(), "grad_scale");
@@ -98,57 +98,40 @@ void cuda_step(const fusedopt::StepArgs& a, int64_t stream, const char* prologue
   }
   check(prologue(inf, partials, a.n_chunks(), clip ? static_cast<float>(*a.max_norm) : 0.0f, clip,
                  clip_buf, s),
-        prologue_name);
+        "prologue");
   for (size_t b = 0; b < a.bucket_dtypes.size(); ++b) {
     check(main(b, static_cast<int>(a.bucket_dtypes[b]), scale, inf, clip ? clip_buf : nullptr,
                s),
-          main_name, b, a.bucket_dtypes[b]);
+          "update", b, a.bucket_dtypes[b]);
   }
 }
 
-void adam_step_cuda(FUSEDOPT_STEP_PARAMS, bool has_amsgrad, int64_t stream) {
+void step_cuda(FUSEDOPT_STEP_PARAMS, int64_t optimizer, int64_t state_mask, int64_t stream) {
   const fusedopt::StepArgs a{FUSEDOPT_STEP_PARAM_NAMES};
+  const int opt = static_cast<int>(optimizer);
+  const int slots = static_cast<int>(fusedopt::check_optimizer(optimizer, state_mask));
+  TORCH_CHECK(fusedopt_cuda_optimizer_known(opt), "fusedopt: the CUDA library has no kernels for "
+              "optimizer ", optimizer, " (layout.h's OPT_*): rebuild it");
   cuda_step(
-      a, stream, "adam prologue", "adam",
+      a, stream,
       [&](const float* inf, const float* parts, int64_t n_parts, float norm, bool do_clip,
           float* clip_buf, void* s) {
-        return fusedopt_cuda_adam_prologue(
-            tmeta.data_ptr<int64_t>(), a.n_tensors(), hyper.data_ptr<double>(),
-            gptr.data_ptr<int64_t>(), glr.data_ptr<double>(), a.n_groups(),
-            scal.data_ptr<float>(), inf, parts, n_parts, norm, do_clip, clip_buf, s);
+        return fusedopt_cuda_prologue(opt, tmeta.data_ptr<int64_t>(), a.n_tensors(),
+                                      hyper.data_ptr<double>(), gptr.data_ptr<int64_t>(),
+                                      glr.data_ptr<double>(), a.n_groups(),
+                                      scal.data_ptr<float>(), inf, parts, n_parts, norm, do_clip,
+                                      clip_buf, s);
       },
       [&](size_t b, int bucket, const float* scale, const float* inf, const float* clip_buf,
           void* s) {
-        return fusedopt_cuda_adam_main(tmeta.data_ptr<int64_t>(), grads_meta.data_ptr<int64_t>(),
-                                       scal.data_ptr<float>(), a.chunks_of(b), a.bucket_size(b),
-                                       chunk_size, bucket, has_amsgrad, scale, inf, clip_buf, s);
-      });
-}
-
-void rmsprop_step_cuda(FUSEDOPT_STEP_PARAMS, bool has_centered, bool has_momentum,
-                       int64_t stream) {
-  const fusedopt::StepArgs a{FUSEDOPT_STEP_PARAM_NAMES};
-  cuda_step(
-      a, stream, "rmsprop prologue", "rmsprop",
-      [&](const float* inf, const float* parts, int64_t n_parts, float norm, bool do_clip,
-          float* clip_buf, void* s) {
-        return fusedopt_cuda_rmsprop_prologue(
-            tmeta.data_ptr<int64_t>(), a.n_tensors(), hyper.data_ptr<double>(),
-            gptr.data_ptr<int64_t>(), glr.data_ptr<double>(), a.n_groups(),
-            scal.data_ptr<float>(), inf, parts, n_parts, norm, do_clip, clip_buf, s);
-      },
-      [&](size_t b, int bucket, const float* scale, const float* inf, const float* clip_buf,
-          void* s) {
-        return fusedopt_cuda_rmsprop_main(
-            tmeta.data_ptr<int64_t>(), grads_meta.data_ptr<int64_t>(), scal.data_ptr<float>(),
-            a.chunks_of(b), a.bucket_size(b), chunk_size, bucket, has_centered, has_momentum,
-            scale, inf, clip_buf, s);
+        return fusedopt_cuda_main(opt, tmeta.data_ptr<int64_t>(), grads_meta.data_ptr<int64_t>(),
+                                  scal.data_ptr<float>(), a.chunks_of(b), a.bucket_size(b),
+                                  chunk_size, bucket, slots, scale, inf, clip_buf, s);
       });
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fusedopt, CUDA, m) {
-  m.impl("adam_step", &adam_step_cuda);
-  m.impl("rmsprop_step", &rmsprop_step_cuda);
+  m.impl("step", &step_cuda);
 }

@@ -30,7 +30,8 @@
 // clipping, multiplies the gradients by clip_buf[CLIP_COEF]).
 //
 // Each returns the cudaError_t of cudaGetLastError() after its launch (0: launched), or
-// cudaErrorInvalidValue (1) for a bucket without kernels or an n_chunks outside [0, 2^31).
+// cudaErrorInvalidValue (1) for an unknown optimizer, a bucket without kernels or an n_chunks
+// outside [0, 2^31).
 #pragma once
 
 #include <cstdint>
@@ -50,26 +51,22 @@ int fusedopt_cuda_sumsq(const int64_t* tmeta, const int64_t* grads, const int64_
 int fusedopt_cuda_clip_stage(float* partials, int64_t n_partials, const float* found_inf,
                              void* stream);
 
-int fusedopt_cuda_adam_prologue(const int64_t* tmeta, int64_t n_tensors, const double* hyper,
-                                const int64_t* gptr, double* glr, int64_t n_groups, float* scal,
-                                const float* found_inf, const float* partials, int64_t n_partials,
-                                float max_norm, bool clip, float* clip_buf, void* stream);
+// 1 when the kernels have the optimizer `optimizer` (layout.h's OPT_*), else 0.
+int fusedopt_cuda_optimizer_known(int optimizer);
 
-int fusedopt_cuda_adam_main(const int64_t* tmeta, const int64_t* grads, const float* scal,
-                            const int64_t* chunks, int64_t n_chunks, int64_t chunk_size,
-                            int bucket, bool has_amsgrad, const float* grad_scale,
-                            const float* found_inf, const float* clip_buf, void* stream);
+// The step's prologue for `optimizer`: each group's lr (Noam and schedule counters advanced),
+// with clipping the coefficient, each tensor's step and scalars.
+int fusedopt_cuda_prologue(int optimizer, const int64_t* tmeta, int64_t n_tensors,
+                           const double* hyper, const int64_t* gptr, double* glr,
+                           int64_t n_groups, float* scal, const float* found_inf,
+                           const float* partials, int64_t n_partials, float max_norm, bool clip,
+                           float* clip_buf, void* stream);
 
-int fusedopt_cuda_rmsprop_prologue(const int64_t* tmeta, int64_t n_tensors, const double* hyper,
-                                   const int64_t* gptr, double* glr, int64_t n_groups, float* scal,
-                                   const float* found_inf, const float* partials,
-                                   int64_t n_partials, float max_norm, bool clip, float* clip_buf,
-                                   void* stream);
-
-int fusedopt_cuda_rmsprop_main(const int64_t* tmeta, const int64_t* grads, const float* scal,
-                               const int64_t* chunks, int64_t n_chunks, int64_t chunk_size,
-                               int bucket, bool has_centered, bool has_momentum,
-                               const float* grad_scale, const float* found_inf,
-                               const float* clip_buf, void* stream);
+// The update of `optimizer` over one bucket's chunks. state_mask: the state slots some tensor of
+// the step uses (bit k: slot k); an option that uses a slot outside it is compiled out.
+int fusedopt_cuda_main(int optimizer, const int64_t* tmeta, const int64_t* grads,
+                       const float* scal, const int64_t* chunks, int64_t n_chunks,
+                       int64_t chunk_size, int bucket, int state_mask, const float* grad_scale,
+                       const float* found_inf, const float* clip_buf, void* stream);
 
 }  // extern "C"

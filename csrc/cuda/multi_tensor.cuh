@@ -1,16 +1,11 @@
 // What the fused multi-tensor CUDA kernels share: typed loads and stores (vector packs or single
 // elements), the buckets (the dtypes of parameter, grads and state; fp32 masters, stochastic
-// rounding) and their dispatch, the parameter's store, the chunk loop, torch.maximum, GradScaler's
-// skipped steps and in-kernel unscaling, and the prologue's group-lr loop and clip coefficient
-// (the scalar math is in fusedopt/step_math.h, shared with the CPU kernels). Torch-free: CUDA's
-// headers and fusedopt/*.h only.
-//
-// Rounding follows torch's kernels, which is what makes fp32 parity "close to rounding": a
-// multiply-add is one FMA exactly where torch fuses it (add(alpha=), addcmul, lerp) and two
-// rounded operations everywhere else; division and square root are the correctly rounded
-// __fdiv_rn / __fsqrt_rn whatever -prec-div / -prec-sqrt say. This holds only if nvcc contracts
-// nothing by itself, so these files are compiled with -fmad=false (and never --use_fast_math,
-// which would also flush denormals to zero). The Triton kernels in kernels/ are the reference.
+// rounding) and their dispatch, the parameter's store, the chunk loop, GradScaler's skipped steps
+// and in-kernel unscaling, and the prologue's kernels (the scalar math is in
+// fusedopt/step_math.h, the per-element arithmetic in fusedopt/element_math.h, each optimizer's
+// in fusedopt/optim/: shared with the CPU kernels). Torch-free: CUDA's headers and fusedopt/*.h
+// only. Compiled with -fmad=false (element_math.h says why), never --use_fast_math (which would
+// also flush denormals to zero).
 #pragma once
 
 #include <cstdint>
@@ -23,6 +18,7 @@
 #include <cuda_runtime.h>
 
 #include "fusedopt/layout.h"
+#include "fusedopt/element_math.h"
 #include "fusedopt/step_math.h"
 
 namespace fusedopt {
@@ -235,22 +231,6 @@ constexpr int bucket_grad(int code) { return (code >> BUCKET_GRAD_SHIFT) & 3; }
 
 // ---- storing the parameter --------------------------------------------------------------------
 
-// murmur3's 32-bit finalizer (kernels/multi_tensor.py's _mix32).
-__device__ __forceinline__ uint32_t mix32(uint32_t x) {
-  x ^= x >> 16;
-  x *= 0x85EBCA6Bu;
-  x ^= x >> 13;
-  x *= 0xC2B2AE35u;
-  return x ^ (x >> 16);
-}
-
-// Stochastic rounding's per-tensor seed from the tensor's row t in tmeta and its step (the
-// prologue's scal[t][*_scal::seed], a whole number held in a float).
-__device__ __forceinline__ uint32_t stochastic_seed(int64_t t, float step) {
-  const uint32_t s = static_cast<uint32_t>(static_cast<int64_t>(step));
-  return mix32(mix32(static_cast<uint32_t>(t)) ^ s);
-}
-
 // float -> bf16, rounded up with probability equal to the dropped fraction (kernels/
 // multi_tensor.py's stochastic_bf16, bit for bit): 16 noise bits hashed from the element's offset
 // in its tensor (its low 32 bits) and the seed. A NaN is converted as from_float converts it.
@@ -271,7 +251,7 @@ struct ParamOut {
   G* shadow;      // kShadow only
   uint32_t seed;  // kStochastic only
 
-  // row: the tensor's row t of tmeta; seed_step: its scal[t][*_scal::seed].
+  // row: the tensor's row t of tmeta; seed_step: its scal[t][Opt::kSeed].
   __device__ __forceinline__ static ParamOut read(const int64_t* row, int64_t t,
                                                   const float* seed_step) {
     ParamOut out;
@@ -323,11 +303,6 @@ __device__ __forceinline__ void for_each_in_chunk(const Op& op, int64_t start, i
   }
 #pragma unroll 1
   for (int64_t i = scalar_start + threadIdx.x; i < end; i += blockDim.x) op.template apply<1>(i);
-}
-
-// torch.maximum: NaN in either operand propagates (fmaxf would drop it).
-__device__ __forceinline__ float maximum(float a, float b) {
-  return a != a ? a : (b != b ? b : fmaxf(a, b));
 }
 
 // ---- GradScaler and clipping --------------------------------------------------------------------
@@ -410,7 +385,8 @@ inline const double* clip_stage_of(const float* partials, int64_t n_chunks) {
 // coefficient), and the tensors' half, a grid of one thread per tensor (step counts and the
 // scalars the main pass reads, from the group lrs). With at most kPrologueBlock tensors the
 // groups' block does the tensors too: one launch, as before the grid (10,000 tensors were 40
-// rounds of that block). Scalars::write(hyper row, lr, step, scal row) is the optimizer's part.
+// rounds of that block). Opt::scalars(hyper row, lr, step, scal row) is the optimizer's part
+// (fusedopt/optim/*.h).
 
 // Writes each group's lr for this step to glr (float64). Call from every thread of the block,
 // then __syncthreads() before reading glr.
@@ -430,21 +406,21 @@ __device__ __forceinline__ void resolve_clip(const ClipArgs& a) {
 }
 
 // One tensor's step and scalars (t: its row of tmeta), once glr holds this step's group lrs.
-template <typename Scalars>
+template <class Opt>
 __device__ __forceinline__ void tensor_prologue(const int64_t* tmeta, int64_t t,
                                                 const double* hyper, const double* glr,
                                                 float* scal) {
   const int64_t* row = tmeta + t * TMETA_WIDTH;
   const int64_t step = advance_step(row);
   const int64_t grp = row[T_GROUP];
-  Scalars::write(hyper + grp * HYPER_WIDTH, glr[grp], step, scal + t * SCAL_WIDTH);
+  Opt::scalars(hyper + grp * HYPER_WIDTH, glr[grp], step, scal + t * SCAL_WIDTH);
 }
 
 // The groups' half (kernels/multi_tensor.py's _groups_prologue), and the tensors [0, n_here):
 // n_here is n_tensors when no grid follows, else 0. Nothing when GradScaler found an inf/NaN
 // (found_inf != 0): no step advances. minBlocks 1: without it ptxas kept Adam's at 40 registers
 // and spilled 16 bytes around the schedules' float64 cos (sm_80); with it 56, no spills.
-template <typename Scalars>
+template <class Opt>
 __global__ void __launch_bounds__(kPrologueBlock, 1)
     prologue_kernel(const int64_t* tmeta, int64_t n_here, const double* hyper,
                     const int64_t* gptr, double* glr, int64_t n_groups, float* scal,
@@ -454,24 +430,24 @@ __global__ void __launch_bounds__(kPrologueBlock, 1)
   if (clip.clip != nullptr) resolve_clip(clip);
   __syncthreads();  // the group lrs just written are read next by other threads
   for (int64_t t = threadIdx.x; t < n_here; t += blockDim.x) {
-    tensor_prologue<Scalars>(tmeta, t, hyper, glr, scal);
+    tensor_prologue<Opt>(tmeta, t, hyper, glr, scal);
   }
 }
 
-// The tensors' half (kernels/*.py's _adam_prologue, _rmsprop_prologue): one thread per tensor,
+// The tensors' half (kernels/*.py's per-tensor prologues): one thread per tensor,
 // after prologue_kernel on the same stream.
-template <typename Scalars>
+template <class Opt>
 __global__ void __launch_bounds__(kPrologueBlock)
     tensor_prologue_kernel(const int64_t* tmeta, int64_t n_tensors, const double* hyper,
                            const double* glr, float* scal, const float* found_inf) {
   if (step_skipped(found_inf)) return;
   const int64_t t = static_cast<int64_t>(blockIdx.x) * kPrologueBlock + threadIdx.x;
-  if (t < n_tensors) tensor_prologue<Scalars>(tmeta, t, hyper, glr, scal);
+  if (t < n_tensors) tensor_prologue<Opt>(tmeta, t, hyper, glr, scal);
 }
 
-// Launches a step's prologue (launchers.h's fusedopt_cuda_*_prologue); with clipping, after
+// Launches a step's prologue (launchers.h's fusedopt_cuda_prologue); with clipping, after
 // sumsq.cu's clip stage (partials: the buffer of n_partials chunks, layout.h).
-template <typename Scalars>
+template <class Opt>
 cudaError_t launch_prologue(const int64_t* tmeta, int64_t n_tensors, const double* hyper,
                             const int64_t* gptr, double* glr, int64_t n_groups, float* scal,
                             const float* found_inf, const float* partials, int64_t n_partials,
@@ -479,13 +455,13 @@ cudaError_t launch_prologue(const int64_t* tmeta, int64_t n_tensors, const doubl
   const ClipArgs clip_args{clip_stage_of(partials, n_partials), clip_stage_blocks(n_partials),
                            max_norm, clip ? clip_buf : nullptr};
   const bool grid = n_tensors > kPrologueBlock;
-  prologue_kernel<Scalars><<<1, kPrologueBlock, 0, stream>>>(
+  prologue_kernel<Opt><<<1, kPrologueBlock, 0, stream>>>(
       tmeta, grid ? 0 : n_tensors, hyper, gptr, glr, n_groups, scal, found_inf, clip_args);
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || !grid) return err;
   const int64_t blocks = (n_tensors + kPrologueBlock - 1) / kPrologueBlock;
   if (!chunk_grid_fits(blocks)) return cudaErrorInvalidValue;
-  tensor_prologue_kernel<Scalars><<<static_cast<unsigned>(blocks), kPrologueBlock, 0, stream>>>(
+  tensor_prologue_kernel<Opt><<<static_cast<unsigned>(blocks), kPrologueBlock, 0, stream>>>(
       tmeta, n_tensors, hyper, glr, scal, found_inf);
   return cudaGetLastError();
 }

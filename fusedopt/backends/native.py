@@ -1,7 +1,8 @@
 """The native backends: ``"cpu"`` (vectorized, multithreaded C++) and ``"cuda"`` (CUDA C++).
 
-Both run the ops ``torch.ops.fusedopt.adam_step`` / ``rmsprop_step`` declared in csrc/binding.cpp,
-over the same metadata tables as the Triton kernels: one prologue, then one pass per dtype bucket.
+Both run the op ``torch.ops.fusedopt.step`` declared in csrc/binding.cpp (one for every optimizer:
+``optimizer`` names it, fusedopt/_layout.py's OPTIMIZERS), over the same metadata tables as the
+Triton kernels: one prologue, then one pass per dtype bucket.
 The libraries are loaded on first use; a library that is missing or fails to load makes its backend
 unavailable, with the reason, and the rest of fusedopt keeps working.
 """
@@ -98,8 +99,7 @@ def _built_for_other_torch():
 def _register_fakes():
     """Meta/fake kernels, so torch.compile and torch.library.opcheck can trace the ops: they
     mutate their arguments in place and return nothing."""
-    for op in ("fusedopt::adam_step", "fusedopt::rmsprop_step"):
-        torch.library.register_fake(op)(lambda *args, **kwargs: None)
+    torch.library.register_fake("fusedopt::step")(lambda *args, **kwargs: None)
 
 
 class NativeBackend:
@@ -124,9 +124,7 @@ class NativeBackend:
         return load(self.library)
 
     def run(self, opt, work):
-        adam = opt._op == "adam"
-        columns = L.ADAM_COLS if adam else L.RMSPROP_COLS
-        tables = tables_for(opt, self.name, work, columns, self.CHUNK[self.name])
+        tables = tables_for(opt, self.name, work, opt._columns, self.CHUNK[self.name])
         dtypes = tables.bucket_codes
         stream = torch.cuda.current_stream(work.device).cuda_stream if self.name == "cuda" else 0
         tabs = (
@@ -146,15 +144,13 @@ class NativeBackend:
             work.amp["found_inf"],
             work.amp["max_norm"],
         )
-        flags = state_flags(work, adam)
+        optimizer, mask = L.OPTIMIZERS[opt._op], state_mask(work)
         if work.fast is not None:
             # the plan holds the tensor lists in C++ and calls the op through the dispatcher
             plan, index = work.fast
-            plan.run(index, opt._op, *tabs, flags, stream)
-        elif adam:
-            torch.ops.fusedopt.adam_step(*op_lists(work), *tabs, *flags, stream)
+            plan.run(index, optimizer, *tabs, mask, stream)
         else:
-            torch.ops.fusedopt.rmsprop_step(*op_lists(work), *tabs, *flags, stream)
+            torch.ops.fusedopt.step(*op_lists(work), *tabs, optimizer, mask, stream)
         opt._set_last_lr(work, tables.glr)
         if work.amp["max_norm"] is not None:
             opt._last_grad_norm = tables.clip[L.CLIP_NORM]
@@ -173,18 +169,16 @@ def op_lists(work):
     return params, states, steps, counters, grads
 
 
-def state_flags(work, adam):
-    """Which optional states the step touches: (has_amsgrad,) for Adam, (has_centered,
-    has_momentum) for RMSprop. Computed once per work (the slots do not change under a plan)."""
-    flags = getattr(work, "_state_flags", None)
-    if flags is None:
-        slots = work.slots
-        if adam:
-            flags = (any(s.states[2] is not None for s in slots),)
-        else:
-            flags = (
-                any(s.states[2] is not None for s in slots),
-                any(s.states[1] is not None for s in slots),
-            )
-        work._state_flags = flags
-    return flags
+def state_mask(work):
+    """Which state slots some tensor of the step has (bit k: slot k): an option that uses a slot
+    no tensor has (amsgrad, RMSprop's momentum and centered, SGD's momentum) is compiled out of
+    the kernels. Computed once per work (the slots do not change under a plan)."""
+    mask = getattr(work, "_state_mask", None)
+    if mask is None:
+        mask = 0
+        for s in work.slots:
+            for k, t in enumerate(s.states):
+                if t is not None:
+                    mask |= 1 << k
+        work._state_mask = mask
+    return mask

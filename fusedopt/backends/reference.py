@@ -157,6 +157,29 @@ def _rmsprop(slot, index, h, lr, g, skip):
         _store(dst, value, skip)
 
 
+def _sgd(slot, index, h, lr, g, skip):
+    copy = skip is not None or slot.stochastic
+    p, buf = _upcast(slot.param, copy), _upcast(slot.states[0], copy)
+    momentum, wd = h["momentum"], h["weight_decay"]
+    if h["maximize"]:
+        g = -g
+    if wd != 0:
+        g = g.add(p, alpha=wd)
+    if momentum != 0:
+        # the first update sets the buffer to the gradient (torch.optim.SGD clones it); the step
+        # just advanced says which update is the first, on the device (no sync)
+        buf = torch.where(slot.step == 1, g, buf.mul_(momentum).add_(g, alpha=1.0 - h["dampening"]))
+        g = g.add(buf, alpha=momentum) if h["nesterov"] else buf
+    neg_lr = _f32(-lr)
+    # add(g, alpha=-lr) is one FMA in torch; addcmul rounds the same way and takes a tensor
+    p.addcmul_(g, neg_lr) if isinstance(neg_lr, torch.Tensor) else p.add_(g, alpha=neg_lr)
+    _store_param(slot, index, p, skip)
+    _store(slot.states[0], buf, skip)
+
+
+_UPDATES = {"adam": _adam, "rmsprop": _rmsprop, "sgd": _sgd}
+
+
 class TorchBackend:
     name = "torch"
 
@@ -191,7 +214,7 @@ class TorchBackend:
             # a list: given one 0-d tensor, Python picks the Scalar overload and reads it (a sync)
             torch._foreach_add_(steps, [keep] * len(steps))
         grads, norm = _grads(work, skip)
-        update = _adam if opt._op == "adam" else _rmsprop
+        update = _UPDATES[opt._op]
         for index, (slot, g) in enumerate(zip(work.slots, grads)):
             update(slot, index, work.hyper[slot.group], lrs[slot.group], g, skip)
         opt._set_last_lr(

@@ -6,7 +6,7 @@ import torch
 
 from .. import _layout as L
 from .._tables import tables_for
-from .native import state_flags
+from .native import state_mask
 
 
 def _import_error():
@@ -29,10 +29,11 @@ class TritonBackend:
         self._kernels = None
 
     def _load(self):
+        """fusedopt.kernels.multi_tensor, and each optimizer's kernel module by name."""
         if self._kernels is None:
-            from ..kernels import adam, multi_tensor, rmsprop
-
-            self._kernels = (adam, rmsprop, multi_tensor)
+            multi_tensor = importlib.import_module("fusedopt.kernels.multi_tensor")
+            ops = {op: importlib.import_module(f"fusedopt.kernels.{op}") for op in L.OPTIMIZERS}
+            self._kernels = (multi_tensor, ops)
         return self._kernels
 
     def supports(self, bucket):
@@ -42,7 +43,7 @@ class TritonBackend:
         err = _import_error()
         if err:
             return err
-        interpreted = self._load()[2].INTERPRETED
+        interpreted = self._load()[0].INTERPRETED
         if device.type == "cuda":
             if not torch.cuda.is_available():
                 return "CUDA is not available"
@@ -58,21 +59,10 @@ class TritonBackend:
             )
         return f"no Triton support for {device.type} tensors in fusedopt"
 
-    def _tables(self, opt, work, columns):
-        return tables_for(opt, self.name, work, columns, self._load()[2].CHUNK)
-
     def run(self, opt, work):
-        adam, rmsprop, _ = self._load()
-        if opt._op == "adam":
-            tables = self._tables(opt, work, L.ADAM_COLS)
-            (has_amsgrad,) = state_flags(work, True)
-            adam.adam_step(tables, work.amp, has_amsgrad=has_amsgrad)
-        else:
-            tables = self._tables(opt, work, L.RMSPROP_COLS)
-            has_centered, has_momentum = state_flags(work, False)
-            rmsprop.rmsprop_step(
-                tables, work.amp, has_centered=has_centered, has_momentum=has_momentum
-            )
+        multi_tensor, ops = self._load()
+        tables = tables_for(opt, self.name, work, opt._columns, multi_tensor.CHUNK)
+        ops[opt._op].step(tables, work.amp, state_mask(work))
         opt._set_last_lr(work, tables.glr)
         if work.amp["max_norm"] is not None:
             opt._last_grad_norm = tables.clip[L.CLIP_NORM]

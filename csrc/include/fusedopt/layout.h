@@ -5,6 +5,9 @@
 
 namespace fusedopt {
 
+// the optimizers, as the ops' `optimizer` argument names them (csrc/include/fusedopt/optim/)
+constexpr int OPT_ADAM = 0, OPT_RMSPROP = 1, OPT_SGD = 2;
+
 // how a group's lr is obtained
 constexpr int LR_FLOAT = 0, LR_TENSOR = 1, LR_NOAM = 2, LR_SCHEDULE = 3;
 
@@ -38,6 +41,9 @@ constexpr int beta1 = 4, beta2 = 5, eps = 6, weight_decay = 7, amsgrad = 8, maxi
 namespace rmsprop_col {
 constexpr int alpha = 4, eps = 5, weight_decay = 6, momentum = 7, centered = 8, maximize = 9;
 }
+namespace sgd_col {
+constexpr int momentum = 4, dampening = 5, weight_decay = 6, nesterov = 7, maximize = 8;
+}
 
 // per tensor scalars written by the step prologue, float32 [T, SCAL_WIDTH]
 constexpr int SCAL_WIDTH = 12;
@@ -48,6 +54,10 @@ constexpr int step_size = 0, bc2_sqrt = 1, p_mul = 2, g_wd = 3, w1 = 4, beta2 = 
 namespace rmsprop_scal {
 constexpr int lr = 0, alpha = 1, w = 2, eps = 3, weight_decay = 4, momentum = 5, sign = 6,
               centered = 7, seed = 8;
+}
+namespace sgd_scal {
+constexpr int lr = 0, momentum = 1, w = 2, weight_decay = 3, sign = 4, nesterov = 5, first = 6,
+              seed = 7;
 }
 
 // the per-device clip buffer, float32 [2]: the coefficient grads are multiplied by, the norm

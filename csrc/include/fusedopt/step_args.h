@@ -1,4 +1,4 @@
-// The arguments of one adam_step / rmsprop_step call (the schema in csrc/binding.cpp) and their
+// The arguments of one fusedopt::step call (the schema in csrc/binding.cpp) and their
 // checks, shared by the CPU binding (csrc/binding.cpp) and the CUDA one (csrc/cuda/binding.cpp).
 // The kernels trust the metadata tables: every index and address in them is used unchecked. So the
 // bindings check a call before any kernel runs, and a malformed one raises having changed nothing,
@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "fusedopt/layout.h"
+#include "fusedopt/optim/all.h"
 
 namespace fusedopt {
 
@@ -106,6 +107,16 @@ inline const float* scalar_ptr(const std::optional<at::Tensor>& t, at::Device de
               "fusedopt: ", what, " must be a float32 scalar on the parameters' device (", device,
               "); got ", step_args_detail::describe(*t));
   return t->data_ptr<float>();
+}
+
+// The op's `optimizer` (layout.h's OPT_*, one the kernels have: fusedopt/optim/all.h) and
+// `state_mask` (which of the three state slots some tensor uses); returns the mask.
+inline unsigned check_optimizer(int64_t optimizer, int64_t state_mask) {
+  TORCH_CHECK(with_optimizer(optimizer, [](auto) {}), "fusedopt: optimizer ", optimizer,
+              " is none of the kernels' (layout.h's OPT_*: 0 adam, 1 rmsprop, 2 sgd)");
+  TORCH_CHECK(state_mask >= 0 && state_mask <= 0b111, "fusedopt: state_mask ", state_mask,
+              " is not a set of the three state slots (0 to 7)");
+  return static_cast<unsigned>(state_mask);
 }
 
 // One step's arguments. The tensor lists are those fusedopt/backends/native.py passes: params =
@@ -381,9 +392,10 @@ struct StepArgs {
 
 }  // namespace fusedopt
 
-// The C++ parameters of the arguments both ops share (the schema's FUSEDOPT_STEP_ARGS in
-// csrc/binding.cpp), named as StepArgs' fields, and the StepArgs they make: each op is
-// `void op(FUSEDOPT_STEP_PARAMS, <its flags>, int64_t stream)` and starts with
+// The C++ parameters of the op's table and list arguments (the schema's FUSEDOPT_STEP_ARGS in
+// csrc/binding.cpp), named as StepArgs' fields, and the StepArgs they make: the op is
+// `void op(FUSEDOPT_STEP_PARAMS, int64_t optimizer, int64_t state_mask, int64_t stream)`,
+// starting with
 // `const fusedopt::StepArgs a{FUSEDOPT_STEP_PARAM_NAMES};`.
 #define FUSEDOPT_STEP_PARAMS                                                                      \
   at::TensorList params, at::TensorList states, at::TensorList steps, at::TensorList counters,  \
