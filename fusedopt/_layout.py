@@ -12,7 +12,7 @@ the Noam counter (0 where unused).
 
 from typing import NamedTuple
 
-# the optimizers, as the native ops' ``optimizer`` argument names them (csrc/include/fusedopt/optim/)
+# the optimizers, as the native op's ``optimizer`` argument names them (fusedopt/optim/*.h)
 OPTIMIZERS = {"adam": 0, "rmsprop": 1, "sgd": 2}
 
 # how a group's lr is obtained

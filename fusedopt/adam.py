@@ -56,8 +56,6 @@ class Adam(FusedOptimizer):
         state_dtype=None,
         stochastic_rounding=False,
     ):
-        if fused and foreach:
-            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
         defaults = {
             "lr": lr,
             "betas": tuple(_beta(b, i) for i, b in enumerate(betas)),
@@ -71,7 +69,6 @@ class Adam(FusedOptimizer):
             "fused": fused,
             "decoupled_weight_decay": decoupled_weight_decay,
         }
-        self._validate(defaults)
         super().__init__(
             params,
             defaults,

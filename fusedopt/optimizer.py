@@ -151,6 +151,10 @@ class FusedOptimizer(torch.optim.Optimizer):
     _step_supports_amp_scaling = True
 
     def __init__(self, params, defaults, backend="auto", max_grad_norm=None, **precision):
+        """``defaults``: the torch.optim namesake's, checked here with its messages."""
+        if defaults.get("fused") and defaults.get("foreach"):
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+        self._validate(defaults)
         defaults = {**defaults, **PRECISION_DEFAULTS, **precision}
         if max_grad_norm is not None and not 0.0 < max_grad_norm < math.inf:
             raise ValueError(f"Invalid max_grad_norm value: {max_grad_norm}")

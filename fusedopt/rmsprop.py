@@ -50,7 +50,6 @@ class RMSprop(FusedOptimizer):
             "maximize": maximize,
             "differentiable": differentiable,
         }
-        self._validate(defaults)
         super().__init__(
             params,
             defaults,

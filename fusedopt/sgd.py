@@ -46,8 +46,6 @@ class SGD(FusedOptimizer):
         state_dtype=None,
         stochastic_rounding=False,
     ):
-        if fused and foreach:
-            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
         defaults = {
             "lr": lr,
             "momentum": momentum,
@@ -59,7 +57,6 @@ class SGD(FusedOptimizer):
             "differentiable": differentiable,
             "fused": fused,
         }
-        self._validate(defaults)
         super().__init__(
             params,
             defaults,

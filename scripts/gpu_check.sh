@@ -39,7 +39,7 @@
 #                  setup.py (4 C++, 3 .cu, the CUDA binding.cpp with torch's CUDA headers) compile
 #                  at once, so about the slowest file plus pip and linking: 60-90 s (estimated).
 #   backends 30 s  one torch import, loading the CUDA library, importing triton.
-#   workload 90 s  its 9 scenarios run in 9 processes at once: each compiles its Triton variants
+#   workload 90 s  its 11 scenarios run in 11 processes at once: each compiles its Triton variants
 #                  (one main kernel per bucket, 11, plus the prologue and the clipping pre-pass)
 #                  and checks against torch.optim. Triton 3.6's compile time per variant there is
 #                  not measured yet; at about a second each, 20-30 s (estimated). Interpreted on
@@ -356,7 +356,7 @@ sys.exit(1 if any(why.values()) else 0)'
 }
 
 stage_workload() {
-    local shards=9 k rc=0 pids=() env_=()
+    local shards=11 k rc=0 pids=() env_=()
     ((DRY)) && shards=2 env_=(env TRITON_INTERPRET=1)
     local args=(--device cuda --backend cuda --backend triton)
     ((DRY)) && args=(--device cpu)
@@ -459,7 +459,7 @@ stage_bench() {
     if ((DRY)); then
         runs=("--device cpu --preset tiny --optimizer adamw --optimizer rmsprop --optimizer train-step --repeats 3")
     else
-        runs=("--preset llama-1b --preset many-small --optimizer adamw --optimizer rmsprop --optimizer train-step --repeats 10"
+        runs=("--preset llama-1b --preset many-small --optimizer adamw --optimizer rmsprop --optimizer sgd-momentum --optimizer train-step --repeats 10"
             "--quick")
     fi
     local i rc=0 done_=0 FENCE='```'
@@ -506,7 +506,7 @@ stage_ncu() {
     section "$WORKLOAD_LOG" "ncu (the main kernels of a 2^26-parameter fp32 step)"
     # --launch-skip 4: the workload's warm-up steps (AdamW and RMSprop on each backend) come first
     boxed "$ncu" --target-processes application-only --clock-control none \
-        --kernel-name-base demangled --kernel-name 'regex:.*(adam|rmsprop)_main.*' \
+        --kernel-name-base demangled --kernel-name 'regex:.*(_main|main_kernel).*' \
         --launch-skip 4 --launch-count 4 --metrics "$metrics" -f -o "$SCRATCH/ncu" \
         "$PY" scripts/gpu_workload.py --profile --backend cuda --backend triton \
         >"$SCRATCH/ncu.log" 2>&1

@@ -85,6 +85,18 @@ SCENARIOS = [
         True,
     ),
     ("rmsprop noam centered", "RMSprop", dict(lr="noam", centered=True), False),
+    (
+        "sgd nesterov weight-decay",
+        "SGD",
+        dict(lr=1e-2, momentum=0.9, nesterov=True, weight_decay=0.1),
+        False,
+    ),
+    (
+        "sgd dampening tensor-lr clip gradscaler",
+        "SGD",
+        dict(lr="tensor", momentum=0.9, dampening=0.2, maximize=True, max_grad_norm=1.0),
+        True,
+    ),
 ]
 NOAM = fusedopt.Noam(64, 3)
 

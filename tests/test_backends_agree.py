@@ -34,6 +34,14 @@ SHAPES = [(0,), (1,), (7,), (3, 5), (2, 3, 4), (1030,), (4099,)]
         ("Adam", [dict(weight_decay=0.1), dict(lr=3e-3, betas=(0.3, 0.9))]),
         ("RMSprop", [dict(centered=True, momentum=0.9), dict(weight_decay=0.1, maximize=True)]),
         ("RMSprop", [dict(), dict(lr=fusedopt.Noam(32, 3), alpha=0.9)]),
+        (
+            "SGD",
+            [
+                dict(momentum=0.9, nesterov=True, weight_decay=0.1),
+                dict(lr=fusedopt.Noam(32, 3), momentum=0.5, dampening=0.3, maximize=True),
+            ],
+        ),
+        ("SGD", [dict(), dict(weight_decay=0.1, maximize=True)]),
     ],
 )
 def test_exact_agreement(native, other, device, dtype, cls, groups):
@@ -77,7 +85,7 @@ def test_exact_agreement(native, other, device, dtype, cls, groups):
         pytest.param(torch.bfloat16, dict(state_dtype=torch.float32), id="bf16-fp32state"),
     ],
 )
-@pytest.mark.parametrize("cls", ["AdamW", "RMSprop"])
+@pytest.mark.parametrize("cls", ["AdamW", "RMSprop", "SGD"])
 def test_exact_agreement_low_precision(native, other, device, dtype, options, cls):
     """The mixed-precision buckets (fp32 master written back rounded, state in another dtype,
     stochastic rounding with its hashed noise) agree bit for bit as well."""
@@ -86,7 +94,7 @@ def test_exact_agreement_low_precision(native, other, device, dtype, options, cl
         if reason:
             pytest.skip(f"{name}: {reason}")
     params = make_params(SHAPES, dtype=dtype, device=device)
-    kw = dict(momentum=0.9) if cls == "RMSprop" else dict(amsgrad=True)
+    kw = dict(amsgrad=True) if cls == "AdamW" else dict(momentum=0.9)
     runs = []
     for name in (native, other):
         ps = clone_params(params)

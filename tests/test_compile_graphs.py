@@ -52,12 +52,13 @@ def test_compiled_training_step(backend, device, require_backend):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
 
 
-def _graph_run(backend, lr, graphed, monkeypatch):
+def _graph_run(backend, lr, graphed, monkeypatch, cls="AdamW"):
     """Warm-up, then a schedule of steps, each a graph replay (or, ungraphed, the same eager step)
     or an eager step with another float lr in between; the parameters at the end."""
     model, data = _model_and_data("cuda")
-    opt = fusedopt.AdamW(
-        model.parameters(), lr=lr, backend=backend, capturable=True, max_grad_norm=1.0
+    kw = dict(momentum=0.9, nesterov=True) if cls == "SGD" else dict(capturable=True)
+    opt = getattr(fusedopt, cls)(
+        model.parameters(), lr=lr, backend=backend, max_grad_norm=1.0, **kw
     )
     loss_fn = torch.nn.functional.mse_loss
 
@@ -111,7 +112,8 @@ def _graph_run(backend, lr, graphed, monkeypatch):
     ids=["float-lr", "noam", "wsd"],
 )
 @pytest.mark.parametrize("backend", ["cuda", "triton", "torch"])
-def test_cuda_graph_whole_step(backend, lr, monkeypatch):
+@pytest.mark.parametrize("cls", ["AdamW", "SGD"])
+def test_cuda_graph_whole_step(backend, lr, cls, monkeypatch):
     """A whole training step (forward, backward, opt.step() with clipping) captured in a CUDA
     graph, with grads allocated in the graph's pool during the capture (so the grad table is
     uploaded inside it, from memory pinned before), replayed with an eager step in between that
@@ -119,7 +121,7 @@ def test_cuda_graph_whole_step(backend, lr, monkeypatch):
     replays after the eager step see the graph's own tables."""
     need_backend(backend, "cuda")
     (eager, eager_norm), (graphed, norm) = (
-        _graph_run(backend, lr, g, monkeypatch) for g in (False, True)
+        _graph_run(backend, lr, g, monkeypatch, cls) for g in (False, True)
     )
     for a, b in zip(eager, graphed):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)

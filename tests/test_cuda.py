@@ -31,7 +31,7 @@ def _no_sync_steps(opt, params, all_grads, each_step=lambda k: None):
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("lr_kind", ["float", "tensor", "noam", "wsd", "multistep"])
-@pytest.mark.parametrize("cls", ["AdamW", "Adam", "RMSprop"])
+@pytest.mark.parametrize("cls", ["AdamW", "Adam", "RMSprop", "SGD"])
 def test_step_never_syncs(backend, lr_kind, cls):
     need_backend(backend, "cuda")
     params = clone_params(
@@ -44,7 +44,10 @@ def test_step_never_syncs(backend, lr_kind, cls):
         "wsd": fusedopt.schedules.wsd(1e-3, 2, 3, total=10, decay_type="1-sqrt"),
         "multistep": fusedopt.schedules.multistep(1e-3, [1, 2], gamma=0.5),
     }[lr_kind]
-    kw = dict(amsgrad=True) if cls != "RMSprop" else dict(centered=True, momentum=0.9)
+    kw = {
+        "RMSprop": dict(centered=True, momentum=0.9),
+        "SGD": dict(momentum=0.9, nesterov=True, weight_decay=0.1),
+    }.get(cls, dict(amsgrad=True))
     opt = getattr(fusedopt, cls)(params, lr=lr, backend=backend, **kw)
     all_grads = [[g.cuda() if g is not None else None for g in grads(k, params)] for k in range(4)]
 
@@ -53,7 +56,7 @@ def test_step_never_syncs(backend, lr_kind, cls):
             opt.param_groups[0]["lr"] *= 0.9  # a new lr is uploaded without a sync too
 
     _no_sync_steps(opt, params, all_grads, new_lr)
-    assert all(float(opt.state[p]["step"]) == 4 for p in params)
+    assert all(float(opt._step_of(p)) == 4 for p in params)
 
 
 FEATURES = {
@@ -67,7 +70,7 @@ FEATURES = {
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("feature", list(FEATURES))
-@pytest.mark.parametrize("cls", ["AdamW", "RMSprop"])
+@pytest.mark.parametrize("cls", ["AdamW", "RMSprop", "SGD"])
 def test_training_features_never_sync(backend, feature, cls):
     """Stochastic rounding, master weights, bf16 state, clipping and GradScaler (an inf step
     included) add no sync either, on every GPU backend."""
@@ -84,7 +87,7 @@ def test_training_features_never_sync(backend, feature, cls):
 
     _no_sync_steps(opt, params, all_grads, scale)
     expected = 3 if spec.get("scaler") else 4
-    assert all(float(opt.state[p]["step"]) == expected for p in params if p.numel())
+    assert all(float(opt._step_of(p)) == expected for p in params if p.numel())
 
 
 @pytest.mark.parametrize("backend", ["cuda", "triton"])

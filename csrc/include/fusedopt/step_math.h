@@ -1,6 +1,7 @@
 // The scalar math of a step that every native kernel shares (torch-free; host and device): a
-// group's lr, the per-tensor scalars of the step prologue, integer powers and torch's lerp.
-// The Triton prologue in kernels/ computes the same values with the same float64 formulas.
+// group's lr (float, tensor, Noam or a schedule), step counts, the clip coefficient, integer
+// powers (each optimizer's per-tensor scalars are in fusedopt/optim/*.h). The Triton prologue in
+// kernels/ computes the same values with the same float64 formulas.
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -24,13 +25,6 @@ FUSEDOPT_HD double pow_int(double base, int64_t n) {
     base *= base;
   }
   return result;
-}
-
-// torch.lerp as torch computes it (CUDA, and CPU vectorized): one FMA from the nearer end,
-// written as one FMA of selected operands so that a uniform w costs no branch.
-FUSEDOPT_HD float lerp(float a, float b, float w) {
-  const bool from_a = w < 0.5f;
-  return fmaf(from_a ? w : w - 1.0f, b - a, from_a ? a : b);
 }
 
 // f(u) of an LR_SCHEDULE (layout.h's SP_* vector p; u = t - 1, the number of updates before this
@@ -137,38 +131,6 @@ FUSEDOPT_HD void clip_from_sumsq(double sumsq, float max_norm, float* clip) {
   const float coef = max_norm / (norm + 1e-6f);
   clip[CLIP_COEF] = coef != coef ? coef : fminf(coef, 1.0f);  // clamp(max=1) keeps a NaN
   clip[CLIP_NORM] = norm;
-}
-
-// The per-tensor scalars Adam's main pass reads (h: the group's hyper row, lr: its lr this step).
-FUSEDOPT_HD void adam_scalars(const double* h, double lr, int64_t step, float* s) {
-  const double beta1 = h[adam_col::beta1], beta2 = h[adam_col::beta2];
-  const double wd = h[adam_col::weight_decay];
-  const bool decoupled = h[adam_col::decoupled] != 0.0;
-  s[adam_scal::step_size] = static_cast<float>(lr / (1.0 - pow_int(beta1, step)));
-  s[adam_scal::bc2_sqrt] = static_cast<float>(sqrt(1.0 - pow_int(beta2, step)));
-  s[adam_scal::p_mul] = static_cast<float>(decoupled ? 1.0 - lr * wd : 1.0);
-  s[adam_scal::g_wd] = static_cast<float>(decoupled ? 0.0 : wd);
-  s[adam_scal::w1] = static_cast<float>(1.0 - beta1);
-  s[adam_scal::beta2] = static_cast<float>(beta2);
-  s[adam_scal::w2] = static_cast<float>(1.0 - beta2);
-  s[adam_scal::eps] = static_cast<float>(h[adam_col::eps]);
-  s[adam_scal::sign] = h[adam_col::maximize] != 0.0 ? -1.0f : 1.0f;
-  s[adam_scal::amsgrad] = static_cast<float>(h[adam_col::amsgrad]);
-  s[adam_scal::seed] = static_cast<float>(step);  // stochastic rounding's seed
-}
-
-// The per-tensor scalars RMSprop's main pass reads (step: the tensor's step, just advanced).
-FUSEDOPT_HD void rmsprop_scalars(const double* h, double lr, int64_t step, float* s) {
-  const double alpha = h[rmsprop_col::alpha];
-  s[rmsprop_scal::lr] = static_cast<float>(lr);
-  s[rmsprop_scal::alpha] = static_cast<float>(alpha);
-  s[rmsprop_scal::w] = static_cast<float>(1.0 - alpha);
-  s[rmsprop_scal::eps] = static_cast<float>(h[rmsprop_col::eps]);
-  s[rmsprop_scal::weight_decay] = static_cast<float>(h[rmsprop_col::weight_decay]);
-  s[rmsprop_scal::momentum] = static_cast<float>(h[rmsprop_col::momentum]);
-  s[rmsprop_scal::sign] = h[rmsprop_col::maximize] != 0.0 ? -1.0f : 1.0f;
-  s[rmsprop_scal::centered] = static_cast<float>(h[rmsprop_col::centered]);
-  s[rmsprop_scal::seed] = static_cast<float>(step);  // stochastic rounding's seed
 }
 
 }  // namespace fusedopt
