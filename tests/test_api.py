@@ -201,10 +201,11 @@ def test_closure_zero_grad_and_late_param_group(backend):
 
 class _LaunchCounter:
     def __init__(self, monkeypatch):
-        from fusedopt.kernels import adam, rmsprop
+        from fusedopt.kernels import adam, rmsprop, sgd
 
         self.launches = []
-        kinds = {type(k) for k in (adam._adam_main, adam._adam_prologue, rmsprop._rmsprop_main)}
+        kernels = (adam._adam_main, adam._adam_prologue, rmsprop._rmsprop_main, sgd._sgd_main)
+        kinds = {type(k) for k in kernels}
         for kind in kinds:
             original = kind.run
 
@@ -216,7 +217,7 @@ class _LaunchCounter:
 
 
 @pytest.mark.triton
-@pytest.mark.parametrize("cls", ["AdamW", "RMSprop"])
+@pytest.mark.parametrize("cls", ["AdamW", "RMSprop", "SGD"])
 def test_one_launch_per_dtype_bucket(cls, monkeypatch):
     """Many tensors in several groups with different options: the two prologue launches (the
     groups' one program, then a grid over the tensors) plus one main launch per dtype, counted at
@@ -225,11 +226,11 @@ def test_one_launch_per_dtype_bucket(cls, monkeypatch):
         pytest.skip(backends.unavailable("triton", "cpu"))
     f32 = clone_params(make_params([(3,)] * 40 + [(1030,), (0,)]))
     b16 = clone_params(make_params([(5,)] * 30, dtype=torch.bfloat16))
-    options = (
-        dict(amsgrad=True, weight_decay=0.3)
-        if cls == "AdamW"
-        else dict(centered=True, momentum=0.9)
-    )
+    options = {
+        "AdamW": dict(amsgrad=True, weight_decay=0.3),
+        "RMSprop": dict(centered=True, momentum=0.9),
+        "SGD": dict(momentum=0.9, nesterov=True),
+    }[cls]
     opt = getattr(fusedopt, cls)(
         [dict(params=f32[:20] + b16[:10]), dict(params=f32[20:] + b16[10:], lr=1e-4, **options)],
         backend="triton",
@@ -246,7 +247,7 @@ def test_one_launch_per_dtype_bucket(cls, monkeypatch):
     counter.launches.clear()
     opt.step()
     assert len(counter.launches) == 2  # the step still advances; nothing to stream
-    assert float(opt.state[only_empty[0]]["step"]) == 1
+    assert float(opt._step_of(only_empty[0])) == 1
 
 
 @pytest.mark.parametrize("backend,device", backend_device_params(("triton", "cuda")))
