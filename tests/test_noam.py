@@ -56,6 +56,7 @@ def _torch_noam(cls, params, noams, **kw):
         ("Adam", dict(betas=(0.9, 0.98), eps=1e-9)),
         ("AdamW", dict(betas=(0.9, 0.98), eps=1e-9, amsgrad=True)),
         ("RMSprop", dict(momentum=0.5, centered=True)),
+        ("SGD", dict(momentum=0.9, dampening=0.1, weight_decay=0.01)),
     ],
 )
 def test_in_kernel_noam_equals_lambdalr(backend, device, cls, kw, require_backend):

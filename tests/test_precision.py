@@ -12,7 +12,7 @@ BACKENDS = backend_device_params()
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
-@pytest.mark.parametrize("cls", ["AdamW", "RMSprop"])
+@pytest.mark.parametrize("cls", ["AdamW", "RMSprop", "SGD"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_master_weights_follow_fp32(backend, device, cls, dtype, require_backend):
     """With master_weights=True the fp32 master takes exactly the fp32 update torch.optim makes
@@ -21,7 +21,11 @@ def test_master_weights_follow_fp32(backend, device, cls, dtype, require_backend
     params = make_params(dtype=dtype, device=device)
     ref = clone_params(params, torch.float32)
     ours = clone_params(params)
-    kw = dict(lr=1e-2, weight_decay=0.1) if cls == "AdamW" else dict(lr=1e-3, momentum=0.9)
+    kw = {
+        "AdamW": dict(lr=1e-2, weight_decay=0.1),
+        "RMSprop": dict(lr=1e-3, momentum=0.9),
+        "SGD": dict(lr=1e-2, momentum=0.9, nesterov=True, weight_decay=0.1),
+    }[cls]
     ropt = getattr(torch.optim, cls)(ref, **kw)
     opt = getattr(fusedopt, cls)(ours, backend=backend, master_weights=True, **kw)
     for k in range(5):
