@@ -88,6 +88,7 @@ def test_skipped_step_keeps_noam_and_steps(backend, device, require_backend):
     [
         ("AdamW", dict(lr=1e-2, amsgrad=True)),
         ("RMSprop", dict(lr=1e-3, momentum=0.9, centered=True)),
+        ("SGD", dict(lr=1e-2, momentum=0.9, nesterov=True)),
     ],
 )
 def test_clipping_matches_clip_grad_norm(backend, device, cls, kw, require_backend):
