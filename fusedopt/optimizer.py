@@ -405,10 +405,27 @@ class FusedOptimizer(torch.optim.Optimizer):
                 if "master_param" in st:
                     st["master_param"] = _to_param_layout(st["master_param"], p, torch.float32)
 
+    def __getstate__(self):
+        # torch.optim pickles (and deepcopies) defaults, state and param_groups only: fusedopt's
+        # own settings and SGD's update counts go too (without the counts, a copied SGD would
+        # restart every momentum buffer from the gradient). The tables, the plan and the lr and
+        # norm snapshots are caches: the next step rebuilds them.
+        state = super().__getstate__()
+        state.update(backend=self.backend, max_grad_norm=self.max_grad_norm, _steps=self._steps)
+        return state
+
     def __setstate__(self, state):
         super().__setstate__(state)
-        self.__dict__.setdefault("_plan_stats", {"built": 0, "fast": 0, "why": None})
-        self.__dict__.setdefault("_steps", {})
+        for key, value in {
+            "backend": "auto",
+            "max_grad_norm": None,
+            "_steps": {},
+            "_tables": {},
+            "_last_lr": {},
+            "_last_grad_norm": None,
+            "_plan_stats": {"built": 0, "fast": 0, "why": None},
+        }.items():
+            self.__dict__.setdefault(key, value)
         self._plan = None
         for group in self.param_groups:
             for key, value in {**PRECISION_DEFAULTS, **self._group_key_defaults()}.items():

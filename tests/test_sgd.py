@@ -279,3 +279,30 @@ def test_torch_optim_db_inputs(backend, require_backend):
             opt = fusedopt.SGD(e.params, backend=backend, **e.kwargs)
             if str(err.error_on).endswith("STEP_ERROR"):
                 opt.step()
+
+
+@pytest.mark.parametrize("cls", ["SGD", "AdamW"])
+def test_deepcopy_and_pickle_resume_exactly(cls):
+    """A deepcopy (or pickle round trip) mid-training steps on exactly as the original: the
+    backend, clipping threshold and SGD's update counts travel with it (torch.optim's own
+    __getstate__ keeps only defaults, state and param_groups: a copied SGD restarted every
+    momentum buffer from the gradient, a copied fusedopt optimizer lost max_grad_norm)."""
+    import copy  # noqa: PLC0415
+    import pickle  # noqa: PLC0415
+
+    reason = fusedopt.backends.unavailable("cpu", "cpu")
+    if reason:
+        pytest.skip(reason)
+    params = clone_params(make_params())
+    kw = dict(momentum=0.9, dampening=0.5) if cls == "SGD" else {}
+    opt = getattr(fusedopt, cls)(params, lr=1e-2, backend="cpu", max_grad_norm=5.0, **kw)
+    train(opt, params, 2)
+    copies = [copy.deepcopy((opt, params)), pickle.loads(pickle.dumps((opt, params)))]
+    train(opt, params, 2, start=2)
+    for o, ps in copies:
+        assert o.backend == "cpu" and o.max_grad_norm == 5.0
+        train(o, ps, 2, start=2)
+        for a, b in zip(params, ps):
+            assert torch.equal(a, b)
+            for key, value in opt.state[a].items():
+                assert torch.equal(o.state[b][key], value), key
