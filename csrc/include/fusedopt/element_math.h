@@ -67,7 +67,6 @@ FUSEDOPT_HD float maximum(float a, float b) { return (a != a || a > b) ? a : b; 
 struct Lerp {
   bool from_a;
   float w;
-  Lerp() = default;
   FUSEDOPT_HD explicit Lerp(float weight)
       : from_a(weight < 0.5f), w(weight < 0.5f ? weight : weight - 1.0f) {}
   FUSEDOPT_HD float operator()(float a, float b) const { return fma_rn(w, b - a, from_a ? a : b); }

@@ -48,7 +48,6 @@ struct Adam {
     float neg_step_size, bc2_sqrt, p_mul, g_wd, beta2, w2, eps, sign;
     Lerp lerp_m;
     unsigned on;
-    Args() = default;
     FUSEDOPT_HD explicit Args(const float* s)
         : neg_step_size(-s[adam_scal::step_size]),
           bc2_sqrt(s[adam_scal::bc2_sqrt]),

@@ -42,7 +42,6 @@ struct Rmsprop {
     float neg_lr, alpha, w, eps, wd, momentum, sign;
     Lerp lerp_ga;
     unsigned on;
-    Args() = default;
     FUSEDOPT_HD explicit Args(const float* s)
         : neg_lr(-s[rmsprop_scal::lr]),
           alpha(s[rmsprop_scal::alpha]),

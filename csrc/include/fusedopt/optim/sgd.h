@@ -45,7 +45,6 @@ struct Sgd {
   struct Args {
     float neg_lr, momentum, w, wd, sign;
     unsigned on;
-    Args() = default;
     FUSEDOPT_HD explicit Args(const float* s)
         : neg_lr(-s[sgd_scal::lr]),
           momentum(s[sgd_scal::momentum]),
