@@ -34,12 +34,11 @@
 #   env 30 s       two torch imports (a few s each) and nvidia-smi.
 #   gpu 20 s       one torch import and CUDA initialization.
 #   build 150 s    measured on the 2-core development machine: the CPU library alone takes 49 s
-#                  at MAX_JOBS=2 (binding.cpp the slowest file); nvcc for sm_80 and sm_90 side by
-#                  side takes 58 s of CPU for update.cu (every optimizer's kernels since issue
-#                  15), 3 s for sumsq.cu. With MAX_JOBS=16 all 6 files of setup.py (4 C++, 2 .cu,
-#                  the CUDA binding.cpp with torch's CUDA headers) compile at once, so about the
-#                  slowest file (update.cu at sm_90 alone, about 30 s) plus pip and linking:
-#                  60-90 s (estimated).
+#                  at MAX_JOBS=2 (binding.cpp the slowest file); nvcc for sm_90 alone takes 35 s
+#                  for update.cu (every optimizer's kernels since issue 15), 2 s for sumsq.cu.
+#                  With MAX_JOBS=16 all 6 files of setup.py (4 C++, 2 .cu, the CUDA binding.cpp
+#                  with torch's CUDA headers) compile at once, so about the slowest file plus pip
+#                  and linking: 60-90 s (estimated).
 #   backends 30 s  one torch import, loading the CUDA library, importing triton.
 #   workload 90 s  its 11 scenarios run in 11 processes at once: each compiles its Triton variants
 #                  (one main kernel per bucket, 11, plus the prologue and the clipping pre-pass)
