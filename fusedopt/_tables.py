@@ -210,12 +210,15 @@ class DeviceTables:
                 # the plan rewrites its buffer at every step: what is kept must be a copy. Not
                 # clone(): an 80 kB malloc right after the model freed last step's grads makes
                 # glibc consolidate every freed chunk (about 2 ms at 10,000 fresh grads). A host
-                # table is that copy already; pinned memory comes from torch's caching allocator.
-                host = (
-                    self._buffer(name, host.shape, host.dtype).copy_(host)
-                    if (self.device.type != "cuda")
-                    else host.pin_memory()
-                )
+                # table is that copy already; pinned memory comes from torch's caching allocator,
+                # except inside a capture, where pin_memory() cannot run: there a plain copy, which
+                # _upload stages through the buffer pinned before the capture.
+                if self.device.type != "cuda":
+                    host = self._buffer(name, host.shape, host.dtype).copy_(host)
+                elif capturing:
+                    host = host.clone()
+                else:
+                    host = host.pin_memory()
             setattr(self, name, self._upload(name, host))
             self._host[name] = host
         if grad_addrs is not None:

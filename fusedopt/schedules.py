@@ -111,7 +111,13 @@ class _InKernel(Schedule):
         device = torch.device(device)
         t = cache.get(device)
         if t is None:
-            t = cache[device] = torch.tensor(self.params(), dtype=torch.float64, device=device)
+            host = torch.tensor(self.params(), dtype=torch.float64)
+            if device.type == "cuda":
+                # torch.tensor(..., device="cuda") copies from pageable memory: a host sync, and
+                # this runs inside the first step(). A pinned copy is asynchronous; torch's host
+                # allocator keeps the pinned block until the copy has run.
+                host = host.pin_memory()
+            t = cache[device] = host.to(device, non_blocking=True)
         return t
 
     def __getstate__(self):  # pickling / deepcopy: the device copies are a cache

@@ -105,6 +105,32 @@ def _graph_run(backend, lr, graphed, monkeypatch, cls="AdamW"):
     return [p.detach().clone() for p in model.parameters()], opt.last_grad_norm
 
 
+@pytest.mark.parametrize("backend,device", backend_device_params())
+def test_reported_norm_and_lr_stay_in_place(backend, device, require_backend):
+    """What a captured step writes at every replay and what the optimizer reports must be the same
+    memory: the last grad norm and a scheduled group's last lr are written in place, step after
+    step, by every backend (the torch backend made new tensors, so after an eager step between
+    replays last_grad_norm showed that eager step's norm: 1-24% off on an H200, 2026-12-04)."""
+    require_backend(backend, device)
+    model, data = _model_and_data(device)
+    opt = fusedopt.AdamW(
+        model.parameters(),
+        lr=fusedopt.schedules.cosine(1e-2, 1, 6),
+        backend=backend,
+        max_grad_norm=1.0,
+    )
+    seen = []
+    for x, y in data[:3]:
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        seen.append((opt._last_grad_norm.data_ptr(), opt._last_lr[0].data_ptr()))
+        expected = torch.cat([p.grad.double().flatten() for p in model.parameters()]).norm()
+        # a float32 norm of float64 sums of squares: within a few float32 ulps (1.2e-7 each)
+        assert float(opt.last_grad_norm) == pytest.approx(float(expected), rel=1e-6)
+    assert seen[1:] == seen[:-1]
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize(
     "lr",

@@ -65,6 +65,23 @@ def _store(dst, value, skip):
     dst.copy_(value if skip is None else torch.where(skip, dst, value.to(dst.dtype)))
 
 
+def _lr_buffers(opt, lrs, glrs):
+    """The lrs this step used, for ``get_last_lr``, written in place into tensors kept from step
+    to step (as the fused backends' lr table is): a CUDA graph that captured a step rewrites them
+    at every replay, so they must stay the ones reported after an eager step in between."""
+    bufs = opt.__dict__.setdefault("_reference_lrs", {})
+    out = []
+    for gi, (lr, glr) in enumerate(zip(lrs, glrs)):
+        if glr.mode == LR_FLOAT:
+            out.append(None)
+            continue
+        buf = bufs.get(gi)
+        if buf is None or buf.device != lr.device:
+            buf = bufs[gi] = torch.empty((), dtype=torch.float64, device=lr.device)
+        out.append(buf.copy_(lr))
+    return out
+
+
 _U32 = 0xFFFFFFFF
 
 
@@ -217,11 +234,13 @@ class TorchBackend:
         update = _UPDATES[opt._op]
         for index, (slot, g) in enumerate(zip(work.slots, grads)):
             update(slot, index, work.hyper[slot.group], lrs[slot.group], g, skip)
-        opt._set_last_lr(
-            work, [lr if glr.mode != LR_FLOAT else None for lr, glr in zip(lrs, work.lrs)]
-        )
+        opt._set_last_lr(work, _lr_buffers(opt, lrs, work.lrs))
         if norm is not None:
             last = opt._last_grad_norm
-            opt._last_grad_norm = (
-                norm if skip is None or last is None else torch.where(skip, last, norm)
-            )
+            if last is None or last.device != norm.device:
+                opt._last_grad_norm = norm
+            else:
+                # in place, as the fused backends write theirs: a CUDA graph that captured a step
+                # keeps writing this tensor at every replay, so it must stay the one reported
+                # (a new tensor per eager step would hide the replays' norms after it)
+                last.copy_(norm if skip is None else torch.where(skip, last, norm))
