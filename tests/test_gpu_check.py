@@ -15,7 +15,18 @@ import fusedopt
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
-STAGES = ["env", "gpu", "build", "backends", "workload", "tests", "sanitizer", "bench", "ncu"]
+STAGES = [
+    "env",
+    "gpu",
+    "build",
+    "backends",
+    "workload",
+    "tests_cuda",
+    "tests_triton",
+    "sanitizer",
+    "bench",
+    "ncu",
+]
 MAX_FILES, MAX_BYTES = 8, 16 * 2**20  # what comes back from the GPU machine
 
 pytestmark = pytest.mark.skipif(
@@ -25,8 +36,8 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _run(args, timeout):
-    env = dict(os.environ, PYTHON=sys.executable)
+def _run(args, timeout, **env_vars):
+    env = dict(os.environ, PYTHON=sys.executable, **env_vars)
     return subprocess.run(
         ["bash", str(SCRIPT), *args],
         capture_output=True,
@@ -55,14 +66,34 @@ def test_dry_run(tmp_path):
     stages = _stages(summary)
     assert list(stages) == STAGES, summary
     for name, (status, wall, notes) in stages.items():
-        expected = {"skip"} if name in ("gpu", "backends", "sanitizer", "ncu") else {"pass"}
+        expected = {"skip"} if name in ("gpu", "sanitizer", "ncu") else {"pass"}
         assert status in expected, f"{name}: {status} ({notes})"
         assert wall >= 0
-    collected = re.search(r"(\d+) cuda tests collected", stages["tests"][2])
-    assert collected and int(collected[1]) > 0, stages["tests"]
+    for name in ("tests_cuda", "tests_triton"):
+        collected = re.search(r"(\d+) cuda tests collected", stages[name][2])
+        assert collected and int(collected[1]) > 0, stages[name]
+    for name in ("workload", "bench"):  # once per backend
+        assert "cpu: pass" in stages[name][2] and "triton: pass" in stages[name][2], stages[name]
     assert "result: PASS" in summary
-    assert "| tiny | adamw |" in (out / "bench.md").read_text()
-    assert "all checks passed" in (out / "workload.log").read_text()
+    bench = (out / "bench.md").read_text()
+    assert bench.count("| tiny | adamw |") >= 2, bench
+    assert (out / "workload.log").read_text().count("all checks passed") == 2
+
+
+def test_a_backend_that_cannot_step_stops_only_itself(tmp_path):
+    """On 2026-12-04 one backend that did not compile stopped every later stage of both: now the
+    backends stage fails and names it, and every later stage still runs for the other."""
+    out = tmp_path / "out"
+    proc = _run(["--dry-run", str(out)], timeout=300, GPU_CHECK_BACKENDS="cpu nosuch")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    stages = _stages((out / "summary.md").read_text())
+    assert list(stages) == STAGES
+    status, _, notes = stages["backends"]
+    assert status == "FAIL" and "nosuch: unusable" in notes and "run cpu only" in notes, notes
+    for name in ("workload", "bench"):
+        assert stages[name][0] == "pass" and "cpu: pass" in stages[name][2], stages[name]
+        assert "nosuch" not in stages[name][2]
+    assert all(stages[s][0] != "not run" for s in STAGES), stages
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine the script runs for real")
