@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.distributed.tensor import DTensor
 
-from . import _plan, backends
+from . import _amp, _plan, backends
 from ._layout import LR_FLOAT, LR_NOAM, LR_SCHEDULE, LR_TENSOR, Bucket
 from .schedule import Noam, Schedule
 
@@ -146,8 +146,9 @@ class FusedOptimizer(torch.optim.Optimizer):
     # per-parameter update count lives in self._steps instead, outside the state_dict
     _step_in_state = True
 
-    # torch.amp.GradScaler's contract for fused optimizers: it hands step() its scale and found_inf
-    # tensors (as the attributes grad_scale and found_inf) instead of unscaling the grads itself.
+    # torch.amp.GradScaler's contract for fused optimizers: it leaves the unscaling to step().
+    # With step()'s grad_scaler parameter it also leaves the inf check (fusedopt/_amp.py); set
+    # by hand, the attributes grad_scale and found_inf still work as GradScaler's other contract.
     _step_supports_amp_scaling = True
 
     def __init__(self, params, defaults, backend="auto", max_grad_norm=None, **precision):
@@ -235,20 +236,32 @@ class FusedOptimizer(torch.optim.Optimizer):
     # caller's graph at every lr change. The step itself is already one fused pass.
     @torch._disable_dynamo(recursive=True)
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, grad_scaler=None):
+        """One fused step. ``grad_scaler``: torch.amp.GradScaler.step passes itself there, and
+        fusedopt checks the grads for infs itself (fusedopt/_amp.py), bf16 grads on CUDA
+        included, where torch's check has no kernel."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self._plan is not None and self._fast_step():
+        if grad_scaler is None or not grad_scaler.is_enabled():
+            self._step()
             return loss
+        params = (p for group in self.param_groups for p in group["params"])
+        grads = [_local(p.grad) for p in params if p.grad is not None and not p.grad.is_sparse]
+        with _amp.scaled(self, grad_scaler, grads):  # sparse grads: _gather's error
+            self._step()
+        return loss
+
+    def _step(self):
+        if self._plan is not None and self._fast_step():
+            return
         self._plan = None
         work = self._gather()  # validates everything; changes nothing
         for w in work.values():
             self._prepare(w)
         self._run(work)
         self._plan = _plan.build(self, work)
-        return loss
 
     def _run(self, work):
         for w in work.values():

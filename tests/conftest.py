@@ -1,7 +1,17 @@
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from fusedopt import backends
+
+# `python3 -m pytest` (the README's test command) puts the working directory, the checkout, first
+# on sys.path. There its top-level kernels/ (installed as fusedopt.kernels) shadows the PyPI
+# package `kernels` that transformers 5 imports (hub_kernels: "cannot import name
+# 'CUDAProperties' from 'kernels'"). fusedopt itself is installed: the checkout is not needed there.
+_ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
 
 
 def pytest_runtest_setup(item):
