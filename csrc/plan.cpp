@@ -47,6 +47,16 @@ c10::TypedOperatorHandle<Signature> typed_op(const char* name) {
       .template typed<Signature>();
 }
 
+// An interned str made once, for a function-local static, and never released: a static py::str
+// would be released by the C++ exit handlers, after the interpreter has finalized, and under
+// Python 3.12 (whose allocator state is per interpreter) that is a SIGSEGV at exit in every
+// process that stepped. Interned, a key's dict lookups compare pointers first.
+py::handle interned_str(const char* s) {
+  PyObject* str = PyUnicode_InternFromString(s);
+  if (str == nullptr) throw py::error_already_set();
+  return str;
+}
+
 int64_t address(const at::Tensor& t) {
   return static_cast<int64_t>(reinterpret_cast<uintptr_t>(t.data_ptr()));
 }
@@ -142,7 +152,7 @@ class StepPlan {
   // works: (params, states, steps, counters, grads) per device work, the op's lists.
   StepPlan(py::list param_groups, py::dict state, py::list watched, py::list works)
       : groups_(param_groups), state_(state) {
-    static const py::str params_key("params");
+    static const py::handle params_key = interned_str("params");
     for (py::handle g : param_groups) {
       py::object list = py::reinterpret_borrow<py::object>(g)[params_key];
       group_dicts_.push_back(py::reinterpret_borrow<py::object>(g));
@@ -199,7 +209,7 @@ class StepPlan {
 
   // "" when the plan still holds, with every grad collected; else why not (nothing else changed).
   std::string collect(py::handle param_groups, py::handle state) {
-    static const py::str params_key("params");
+    static const py::handle params_key = interned_str("params");
     if (param_groups.ptr() != groups_.ptr() || !PyList_Check(param_groups.ptr()) ||
         PyList_GET_SIZE(param_groups.ptr()) != static_cast<Py_ssize_t>(group_dicts_.size())) {
       return "param_groups changed";
@@ -318,7 +328,8 @@ class StepPlan {
  private:
   // Reads w's grad into its work and slot; "" or why the plan no longer holds.
   std::string grad_of(Watched& w) {
-    static const py::str grad_key("grad"), local_key("_local_tensor");
+    static const py::handle grad_key = interned_str("grad"),
+                            local_key = interned_str("_local_tensor");
     const at::Tensor* g = nullptr;
     py::object keep;  // DTensor: the local grad object, alive while g is read
     if (w.local.is_none()) {

@@ -315,11 +315,13 @@ def whole_aligned_chunk(start, numel, CHUNK: tl.constexpr, a0, a1, a2, a3, a4, a
 
 @triton.jit
 def block_mask(offs, numel, MASKED: tl.constexpr):
-    """The mask of a block's accesses: ``offs < numel``, or none (all in bounds)."""
+    """The mask of a block's accesses: ``offs < numel``, or a constant all-true mask (all in
+    bounds), which Triton's canonicalizer removes, so the accesses compile unmasked (and to 128
+    bits) as with no mask at all. Not None: Triton 3.6 cannot return None from a function."""
     if MASKED:
         return offs < numel
     else:
-        return None
+        return tl.full(offs.shape, True, tl.int1)
 
 
 @triton.jit

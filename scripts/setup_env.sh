@@ -15,6 +15,9 @@
 #             (setuptools>=64; wheel with a setuptools older than 70.1): installed when missing.
 #  - fusedopt itself: `pip install --no-build-isolation --no-deps -e .` from the repo root
 #             (no isolation: the build uses the installed torch instead of downloading one).
+#  - triton 3.6.0, the oldest supported, in a side venv under ~/.cache/fusedopt (or
+#             $FUSEDOPT_CACHE) made by scripts/triton_venv.sh, where another triton is installed:
+#             the tests compile every kernel variant with it as well.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -103,4 +106,11 @@ fi
 
 echo "setup_env: python3 -m pip install --no-build-isolation --no-deps -e . (in $ROOT)"
 python3 -m pip install --quiet --no-build-isolation --no-deps -e .
+
+# The oldest supported Triton (torch 2.11's), in a side venv outside the checkout: the tests also
+# compile every kernel variant with it (tests/test_triton_compile.py).
+if [[ "$(version_of triton)" != MISSING && "$(version_of triton)" != 3.6.0 ]]; then
+    bash scripts/triton_venv.sh 3.6.0 >/dev/null
+    echo "setup_env: triton 3.6.0 side venv ready (scripts/triton_venv.sh)"
+fi
 echo "setup_env: done"

@@ -172,6 +172,7 @@ def test_schedule_matches_reference(
 AGREE = [c[1] for c in CASES if c[0] != "polynomial-power-2"]
 
 
+@pytest.mark.triton
 def test_cpu_and_triton_agree_bit_for_bit(require_backend):
     """The cpu backend and Triton (interpreted) compute the same lrs and parameters, to the bit:
     every schedule at once, one param group each, beside a float lr (so the Triton prologue also

@@ -1,6 +1,7 @@
 """Compile every Triton kernel variant for NVIDIA targets, without a GPU (Triton ships ptxas).
 
-Run without TRITON_INTERPRET (the interpreter never compiles); prints one JSON line per variant.
+Run without TRITON_INTERPRET (the interpreter never compiles); prints one JSON line per variant
+(after one naming the Triton that compiled them).
 Used by test_triton_compile.py, so that CI catches what only the compiler sees (types, casts,
 unsupported ops) on machines where the kernels otherwise run only in the interpreter.
 """
@@ -192,7 +193,9 @@ def _row(job):
 
 def main(archs):
     """Every variant for every arch, on as many processes as there are cores (each compile is
-    single-threaded; on CI's 2 cores this halves the test's time), printed in order."""
+    single-threaded; on CI's 2 cores this halves the test's time), printed in order, after a line
+    that names the Triton and the kernels compiled (a side venv's too: scripts/triton_venv.sh)."""
+    print(json.dumps({"triton": triton.__version__, "kernels": multi_tensor.__file__}), flush=True)
     jobs = [(arch, i) for arch in archs for i in range(len(list(variants())))]
     workers = max(1, min(len(os.sched_getaffinity(0)), 8))
     if workers == 1:
