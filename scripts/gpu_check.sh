@@ -39,12 +39,14 @@
 # benchmarks/results/gpu-2026-12-04/ and the project's shared notes), where a measurement exists:
 #   env 30 s       two torch imports (a few s each) and nvidia-smi.
 #   gpu 20 s       one torch import and CUDA initialization.
-#   build 150 s    measured: 121.6 s and 127 s with MAX_JOBS=16 when update.cu was one
-#                  translation unit and the two libraries built one after the other; the first,
-#                  cold, build hit the then 150 s box. Since issue 22 the kernels are split by
-#                  optimizer and both libraries compile at once (the README's build-time note
-#                  has the measured per-file times and the prediction); the box keeps its size
-#                  for a cold machine.
+#   build 150 s    measured: 121.6 s and 127 s with MAX_JOBS=16 when update.cu and update.cpp
+#                  were one translation unit each, plan.cpp included torch/extension.h, the
+#                  libraries built one after the other and with -g: the longest chain was
+#                  update.cpp then update.cu, 64.6 s of CPU on the 2-core machine; the first,
+#                  cold, build hit the then 150 s box. Since issue 22 (split by optimizer, one
+#                  ninja run for both libraries, -g0) the longest file is plan.cpp, 17.7 s of CPU
+#                  there (2026-12-05): predicted 35-45 s on 16 cores, not yet measured on one.
+#                  The box keeps its size for a cold machine.
 #   backends 40 s  one process per backend: a torch import, loading the CUDA library or
 #                  compiling one Triton variant (Triton 3.6 compiles its launcher with gcc at
 #                  first use), one step.
@@ -409,10 +411,15 @@ per_backend() {
         "$fn" "$b" || failed=1
         LEFT=$((LEFT - 1))
     done
+    finish_backends "$failed" "${@:2}"
+}
+
+# finish_backends FAILED [FAIL_SUFFIX [PASS_SUFFIX]]: end the stage with BR's notes.
+finish_backends() {
     local notes
     notes=$(printf '%s; ' "${BR[@]}")
     notes=${notes%; }
-    if ((failed)); then finish FAIL "$notes"; else finish pass "$notes"; fi
+    if (($1)); then finish FAIL "$notes${2:-}"; else finish pass "$notes${3:-}"; fi
 }
 
 stage_workload() {
@@ -454,10 +461,7 @@ stage_workload() {
             failed=1
         fi
     done
-    local notes
-    notes=$(printf '%s; ' "${BR[@]}")
-    notes=${notes%; }
-    if ((failed)); then finish FAIL "$notes: see workload.log"; else finish pass "$notes"; fi
+    finish_backends "$failed" ": see workload.log"
 }
 
 # stage_tests BACKEND: the cuda-marked tests of one GPU backend (cuda: every test that is not
@@ -536,10 +540,7 @@ stage_sanitizer() {
         ((r != 0)) && failed=1
         BR+=("${run%%.*} ${run#*.}: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$SCRATCH/sanitizer.$run" | tail -1 | sed 's/^=* *//') (exit $r)")
     done
-    local notes
-    notes=$(printf '%s; ' "${BR[@]}")
-    notes=${notes%; }
-    if ((failed)); then finish FAIL "$notes; see workload.log"; else finish pass "$notes"; fi
+    finish_backends "$failed" "; see workload.log"
 }
 
 bench_one() { # bench_one BACKEND: one run of the benchmark, appended to bench.md
@@ -571,8 +572,10 @@ stage_bench() {
     per_backend bench_one
 }
 
+NCU="" # the ncu stage's ncu
+
 ncu_one() { # ncu_one BACKEND: the main kernels of a 2^26-parameter fp32 AdamW and RMSprop step
-    local b=$1 ncu=$2 rows
+    local b=$1 ncu=$NCU rows
     local metrics=dram__throughput.avg.pct_of_peak_sustained_elapsed,gpu__time_duration.sum
     metrics+=,launch__registers_per_thread,sm__warps_active.avg.pct_of_peak_sustained_active
     metrics+=,dram__bytes_read.sum,dram__bytes_write.sum
@@ -590,7 +593,7 @@ ncu_one() { # ncu_one BACKEND: the main kernels of a 2^26-parameter fp32 AdamW a
             >"$SCRATCH/ncu.$b.csv" 2>>"$WORKLOAD_LOG"
         rc=$?
     fi
-    rows=$(($(grep -c . "$SCRATCH/ncu.$b.csv" 2>/dev/null || echo 0) - 2)) # less header, units
+    rows=$(($(cat "$SCRATCH/ncu.$b.csv" 2>/dev/null | grep -c .) - 2)) # less header and units
     cat "$SCRATCH/ncu.$b.csv" >>"$NCU_CSV" 2>/dev/null
     BR+=("$b: $rows kernels profiled (exit $rc)")
     ((rc == 0 && rows > 0))
@@ -601,21 +604,11 @@ stage_ncu() {
         finish skip "dry run: ncu needs a GPU"
         return
     fi
-    local ncu
-    if ! ncu=$(find_tool ncu); then
+    if ! NCU=$(find_tool ncu); then
         finish FAIL "ncu not found"
         return
     fi
-    local b failed=0
-    BR=() LEFT=${#USABLE[@]}
-    for b in "${USABLE[@]}"; do
-        ncu_one "$b" "$ncu" || failed=1
-        LEFT=$((LEFT - 1))
-    done
-    local notes
-    notes=$(printf '%s; ' "${BR[@]}")
-    notes=${notes%; }
-    if ((failed)); then finish FAIL "$notes: see workload.log"; else finish pass "$notes: ncu.csv"; fi
+    per_backend ncu_one ": see workload.log" ": ncu.csv"
 }
 
 # ------------------------------------------------------------------------------- the run

@@ -22,15 +22,18 @@ ROOT = Path(__file__).resolve().parents[1]
 CUDA_DIR = ROOT / "csrc" / "cuda"
 SOURCES = sorted(CUDA_DIR.glob("*.cu"))
 ARCHS = ("80", "90")
-# Kernels per arch. update.cu: per optimizer its prologue's two kernels, and a main kernel for
-# each bucket with kernels (11: csrc/cuda/multi_tensor.cuh's SupportedBuckets, the (param, grad,
-# state) dtypes with the shadow and stochastic rounding) x each set of the state slots its
-# options use (adam: the AMSGrad maximum, 2; rmsprop: momentum and centered, 4; sgd: momentum,
-# 2) x GradScaler's unscaling (HAS_SCALE, 2). sumsq.cu: the clipping pre-pass for the 3 grad
-# dtypes and the clipping reduction's first stage.
+# Kernels per arch. update.cu: per optimizer its prologue's two kernels. update_<optimizer>.cu: a
+# main kernel for each bucket with kernels (11: csrc/cuda/multi_tensor.cuh's SupportedBuckets, the
+# (param, grad, state) dtypes with the shadow and stochastic rounding) x each set of the state
+# slots its options use (adam: the AMSGrad maximum, 2; rmsprop: momentum and centered, 4; sgd:
+# momentum, 2) x GradScaler's unscaling (HAS_SCALE, 2). sumsq.cu: the clipping pre-pass for the 3
+# grad dtypes and the clipping reduction's first stage.
 N_BUCKETS = 11
 KERNELS_PER_ARCH = {
-    "update.cu": 3 * 2 + N_BUCKETS * (2 + 4 + 2) * 2,
+    "update.cu": 3 * 2,
+    "update_adam.cu": N_BUCKETS * 2 * 2,
+    "update_rmsprop.cu": N_BUCKETS * 4 * 2,
+    "update_sgd.cu": N_BUCKETS * 2 * 2,
     "sumsq.cu": 3 + 1,
 }
 TORCH_DEFINES = kernel_report.TORCH_DEFINES
@@ -89,8 +92,8 @@ def _short_names(mangled):
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
     """(source, nvcc result, seconds, {arch: object file}) per .cu file. Each (file, arch) is
-    compiled apart, two at a time: update.cu holds nearly every kernel, so two files at a time
-    would leave one core idle most of the time."""
+    compiled apart, two at a time: update_rmsprop.cu holds half the kernels, so two files at a
+    time would leave one core idle much of the time."""
     nvcc = _find_nvcc()
     if nvcc is None:
         pytest.skip("nvcc not found (neither on PATH, in $CUDA_HOME/bin nor /usr/local/cuda/bin)")

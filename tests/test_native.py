@@ -108,7 +108,7 @@ def test_cpu_tables_cached_across_steps(monkeypatch):
     assert len(builds) == 1
 
 
-# Variant loops per (optimizer, bucket) function of csrc/cpu/update.cpp: its option sets
+# Variant loops per (optimizer, bucket) function of csrc/cpu/update_<optimizer>.cpp: its option sets
 # (canonical Args::on values: Adam 4, RMSprop 8, SGD 10) x GradScaler's unscaling (2).
 _CPU_LOOPS = {"Adam": 8, "Rmsprop": 16, "Sgd": 20}
 

@@ -1,12 +1,10 @@
-// The step's prologue and update pass on the CPU, for every optimizer (fusedopt/optim/*.h hold
-// their math; this file, how it runs over the chunks). Torch-free.
-#include <algorithm>
-#include <type_traits>
-#include <utility>
-
+// The step's prologue and the dispatch of its update pass on the CPU, for every optimizer: each
+// optimizer's update loops are compiled in update_<name>.cpp (update_loops.h, through
+// update_pass.h's UpdatePass). Torch-free.
 #include "fusedopt/optim/all.h"
 #include "kernels.h"
 #include "multi_tensor.h"
+#include "update_pass.h"
 
 namespace fusedopt::cpu {
 namespace {
@@ -20,114 +18,6 @@ void prologue_of(const int64_t* tmeta, int64_t n_tensors, const double* hyper,
     const int64_t step = advance_step(row);
     const int64_t g = row[T_GROUP];
     Opt::scalars(hyper + g * HYPER_WIDTH, glr[g], step, scal + t * SCAL_WIDTH);
-  }
-}
-
-// An update's memory at one element (element_math.h's interface, N = 1): the values update_run
-// loaded, and the values the update stores, which update_run writes. Every access stays in
-// update_run, through its __restrict__ pointers: pointers carried in a struct lose what
-// __restrict__ says, and GCC then checks the arrays for overlap at run time before the
-// vectorized loop, or (six arrays: fp32 masters with AMSGrad) gives up vectorizing.
-struct ElementIo {
-  static constexpr int N = 1;
-  float p, g, s[3];
-  mutable float p_out, s_out[3];
-
-  void param(float (&x)[1]) const { x[0] = p; }
-  void grad(float (&x)[1]) const { x[0] = g; }
-  template <int S>
-  void load(float (&x)[1]) const {
-    x[0] = s[S];
-  }
-  template <int S>
-  void store(const float (&x)[1]) const {
-    s_out[S] = x[0];
-  }
-  void store_param(const float (&x)[1]) const { p_out = x[0]; }
-};
-
-// One contiguous run of one tensor, for a tensor whose options (Args::on) are exactly ON: `on` is
-// pinned to ON, so that every option test is decided at compile time and the loop, branch-free,
-// vectorizes. Loads and stores the state slots the variant uses (an optimizer's update stores
-// every slot it uses).
-template <class Opt, class K, unsigned ON, bool UNSCALE>
-inline void update_run(typename K::PT* __restrict__ p, typename K::GT* __restrict__ shadow,
-                       typename K::GT* __restrict__ g, typename K::ST* __restrict__ s0,
-                       typename K::ST* __restrict__ s1, typename K::ST* __restrict__ s2,
-                       int64_t begin, int64_t end, typename Opt::Args a, float scale, float coef,
-                       uint32_t seed) {
-  constexpr int S = K::state;
-  constexpr unsigned used = Opt::kAlways | (ON & 0b111u);
-  a.on = ON;
-  for (int64_t i = begin; i < end; ++i) {
-    ElementIo io;
-    io.p = ld<K::param>(p, i);
-    io.g = grad_at<K::grad, UNSCALE>(g, i, scale, coef);
-    if constexpr ((used & 1u) != 0) io.s[0] = ld<S>(s0, i);
-    if constexpr ((used & 2u) != 0) io.s[1] = ld<S>(s1, i);
-    if constexpr ((used & 4u) != 0) io.s[2] = ld<S>(s2, i);
-    Opt::template update<ON>(a, io);
-    write_param<K>(p, shadow, i, io.p_out, seed);
-    if constexpr ((used & 1u) != 0) st<S>(s0, i, io.s_out[0]);
-    if constexpr ((used & 2u) != 0) st<S>(s1, i, io.s_out[1]);
-    if constexpr ((used & 4u) != 0) st<S>(s2, i, io.s_out[2]);
-  }
-}
-
-// f(std::integral_constant<unsigned, on>{}) for a set of options `on` of Opt (one of its
-// canonical sets: a variant is compiled for each).
-template <class Opt, unsigned ON, class F>
-inline bool call_if(unsigned on, F& f) {
-  if constexpr ((ON & ~Opt::kOptions) == 0 && Opt::canonical(ON) == ON) {
-    if (on == ON) {
-      f(std::integral_constant<unsigned, ON>{});
-      return true;
-    }
-  }
-  return false;
-}
-
-template <class Opt, class F, unsigned... ON>
-inline void with_options_in(unsigned on, F& f, std::integer_sequence<unsigned, ON...>) {
-  static_cast<void>((call_if<Opt, ON>(on, f) || ...));
-}
-
-template <class Opt, class F>
-inline void with_options(unsigned on, F&& f) {
-  static_assert(Opt::kOptions < 64, "options are bits 0-5");
-  with_options_in<Opt>(on, f, std::make_integer_sequence<unsigned, 64>{});
-}
-
-template <class Opt, class K>
-FUSEDOPT_CPU_TARGETS void update_chunks_typed(unsigned slots, const int64_t* tmeta,
-                                              const int64_t* grads, const float* scal,
-                                              const int64_t* chunks, int64_t begin, int64_t end,
-                                              int64_t chunk_size, GradIn grad_in) {
-  const bool unscale = grad_in.grad_scale != nullptr;
-  const float scale = unscale ? *grad_in.grad_scale : 1.0f;
-  const float coef = grad_in.clip ? grad_in.clip[CLIP_COEF] : 1.0f;
-  const unsigned compiled = compiled_options<Opt>(slots);
-  for (int64_t c = begin; c < end; ++c) {
-    const int64_t t = chunks[2 * c], first = chunks[2 * c + 1];
-    const int64_t* row = tmeta + t * TMETA_WIDTH;
-    const int64_t last = std::min(first + chunk_size, row[T_NUMEL]);
-    const float* s = scal + t * SCAL_WIDTH;
-    const typename Opt::Args a(s);
-    auto* p = addr<K::param>(row[T_PARAM]);
-    auto* shadow = addr<K::grad>(row[T_SHADOW]);
-    auto* g = addr<K::grad>(grads[t]);
-    auto* s0 = addr<K::state>(row[T_S0]);
-    auto* s1 = addr<K::state>(row[T_S1]);
-    auto* s2 = addr<K::state>(row[T_S2]);
-    const uint32_t seed = K::stochastic ? stochastic_seed(t, s[Opt::kSeed]) : 0u;
-    with_options<Opt>(a.on & compiled, [&](auto on) {
-      constexpr unsigned ON = decltype(on)::value;
-      if (unscale)
-        update_run<Opt, K, ON, true>(p, shadow, g, s0, s1, s2, first, last, a, scale, coef, seed);
-      else
-        update_run<Opt, K, ON, false>(p, shadow, g, s0, s1, s2, first, last, a, scale, coef,
-                                      seed);
-    });
   }
 }
 
@@ -154,10 +44,8 @@ void update_chunks(int64_t optimizer, int64_t bucket, unsigned slots, const int6
                    const int64_t* grads, const float* scal, const int64_t* chunks, int64_t begin,
                    int64_t end, int64_t chunk_size, GradIn grad_in) {
   with_optimizer(optimizer, [&](auto opt) {
-    with_bucket(bucket, [&](auto k) {
-      update_chunks_typed<decltype(opt), decltype(k)>(slots, tmeta, grads, scal, chunks, begin,
-                                                      end, chunk_size, grad_in);
-    });
+    UpdatePass<decltype(opt)>::run(bucket, slots, tmeta, grads, scal, chunks, begin, end,
+                                   chunk_size, grad_in);
   });
 }
 

@@ -1,0 +1,4 @@
+// SGD's update loops (update_loops.h), in a translation unit of their own.
+#include "update_loops.h"
+
+template struct fusedopt::cpu::UpdatePass<fusedopt::Sgd>;
