@@ -58,9 +58,10 @@ PYEOF
 # (it says why the rest is left out), which holds the exit of a process that stepped on every
 # backend (tests/test_exit.py, Triton interpreted). Not the Triton kernels against the cpu
 # backend to the bit (-m triton): the triton here is 3.7.1, the one torch 2.13's CUDA build pins,
-# whose interpreter rounds differently from 3.9's (2026-12-05: one fusedopt.SGD step of 1,000
-# fp32 elements, 21 differ from the cpu backend and torch.optim by an ulp; 27 of the 36 CPU
-# cases of test_backends_agree.py fail). On the 2-core machine (2026-12-05), the venv cached:
+# whose interpreter computes tl.fma as a multiply then an add, rounding twice (3.9's rounds once,
+# as compiled code does): 2026-12-05, one fusedopt.SGD step of 1,000 fp32 elements, 21 differ
+# from the cpu backend and torch.optim by an ulp; 27 of the 36 CPU cases of
+# test_backends_agree.py fail. On the 2-core machine (2026-12-05), the venv cached:
 # about 4 min in all, 2 for the build and 1.5-2 for these tests; creating the venv adds about 2.
 T="$WORK/src/tests"
 TRITON_INTERPRET=1 "$PY" -m pytest -q -p no:cacheprovider -m "not triton" \
