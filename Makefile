@@ -1,5 +1,5 @@
 # The README's commands (bench: the main job). `make setup` is idempotent and quick once everything is installed.
-.PHONY: setup demo test bench wheel check-wheel
+.PHONY: setup demo test bench wheel check-wheel wheel-cuda
 
 setup:
 	bash scripts/setup_env.sh
@@ -18,3 +18,9 @@ wheel: setup
 
 check-wheel: setup
 	bash scripts/check_wheel.sh
+
+# CUDA wheels for torch 2.13 and 2.11 (CUDA 13, Python 3.12) into dist/, on a machine without a
+# GPU: built, checked, installed into a fresh venv and tested (scripts/wheel_cuda.sh says how).
+# No `setup` first: the build venvs are its own.
+wheel-cuda:
+	bash scripts/wheel_cuda.sh

@@ -15,6 +15,7 @@ build would download another, with several GB of CUDA packages).
 
 import datetime
 import os
+import shutil
 import subprocess
 
 from setuptools import setup
@@ -26,6 +27,10 @@ from setuptools import setup
 CXX_FLAGS = ["-O3", "-fno-math-errno", "-ffp-contract=off", "-g0"]
 # -fmad=false: the CUDA twin of -ffp-contract=off.
 NVCC_FLAGS = ["-O3", "-fmad=false"]
+# The GPU architectures a CUDA build holds machine code for, without TORCH_CUDA_ARCH_LIST: A100,
+# A10/RTX 30, L4/L40/RTX 40, H100/H200, B200, RTX 50; PTX for the newest. The wheels that
+# scripts/wheel_cuda.sh builds hold exactly these (scripts/wheel_check.py checks; issue 23).
+CUDA_ARCHS = ("8.0", "8.6", "8.9", "9.0", "10.0", "12.0")
 
 
 def _want_cuda(torch_cuda_available, cuda_home):
@@ -42,10 +47,39 @@ def _want_cuda(torch_cuda_available, cuda_home):
     return bool(torch_cuda_available and cuda_home)
 
 
+def _set_cuda_home():
+    """Where CUDA_HOME and CUDA_PATH are unset, torch takes the folder above the folder of the
+    `nvcc` on PATH. Where that nvcc is a wrapper script (/usr/local/bin/nvcc exec'ing
+    /usr/local/cuda-13.0/bin/nvcc, as on the development machine), that is /usr/local, which has
+    no lib64/libcudart.so: the CUDA library compiled and then failed to link (`cannot find
+    -lcudart`, issue 23). nvcc itself says where its toolkit is (TOP in its --dryrun output): use
+    that, before torch.utils.cpp_extension reads the variable."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return
+    try:
+        out = subprocess.run(
+            [nvcc, "--dryrun", "-E", "-x", "cu", os.devnull],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return
+    for line in (out.stdout + out.stderr).splitlines():
+        if line.startswith("#$ TOP="):
+            top = os.path.realpath(line.split("=", 1)[1].strip())
+            if os.path.isdir(os.path.join(top, "bin")):
+                os.environ["CUDA_HOME"] = top
+            return
+
+
 def _default_cuda_archs(cuda_home):
-    """Without TORCH_CUDA_ARCH_LIST: the data-centre and consumer archs from sm_80 up that this
-    nvcc knows, with PTX for the newest (so later GPUs can JIT it)."""
-    wanted = ["8.0", "8.6", "8.9", "9.0", "10.0", "12.0"]
+    """Without TORCH_CUDA_ARCH_LIST: CUDA_ARCHS that this nvcc knows, with PTX for the newest
+    (so later GPUs can JIT it)."""
+    wanted = list(CUDA_ARCHS)
     try:
         out = subprocess.run(
             [os.path.join(cuda_home, "bin", "nvcc"), "--list-gpu-arch"],
@@ -61,6 +95,8 @@ def _default_cuda_archs(cuda_home):
 
 
 def _git_commit():
+    if os.environ.get("FUSEDOPT_BUILD_COMMIT"):  # a build from a copy of the tree, without .git
+        return os.environ["FUSEDOPT_BUILD_COMMIT"]
     try:
         return (
             subprocess.run(
@@ -148,6 +184,8 @@ def _one_ninja_build(BuildExtension):
 
 def extensions():
     import torch
+
+    _set_cuda_home()
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
     include = [os.path.join(HERE, "csrc", "include")]

@@ -8,11 +8,11 @@ available, with the reason when it is not.
 import importlib
 import os
 import platform
-import subprocess
+import struct
 
 import torch
 
-from . import __version__, backends
+from . import __version__, _fatbin, backends
 from .backends import native
 
 
@@ -24,15 +24,12 @@ def _triton_version():
 
 
 def _cuda_archs(path):
-    """The sm_XX architectures embedded in a library (cuobjdump, when present)."""
+    """The GPU code embedded in a library, read from its ELF file (fusedopt/_fatbin.py): no CUDA
+    toolkit needed."""
     try:
-        out = subprocess.run(
-            ["cuobjdump", "--list-elf", path], capture_output=True, text=True, timeout=60
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown (cuobjdump not found)"
-    archs = sorted({w.split(".")[-2] for w in out.stdout.split() if ".sm_" in w})
-    return ", ".join(archs) or "unknown"
+        return _fatbin.describe(path)
+    except (OSError, ValueError, struct.error) as e:
+        return f"unknown ({type(e).__name__}: {e})"
 
 
 def report():
@@ -59,8 +56,10 @@ def report():
         path = os.path.join(native._HERE, f"{name}.so")
         reason = native.load(name)
         state = "loaded" if reason is None else f"not loaded: {reason}"
-        if reason is None and name == "_cuda":
-            state += f"; built for {_cuda_archs(path)}"
+        if name == "_cuda" and os.path.exists(path):
+            state += f"; holds {_cuda_archs(path)}"
+            if reason is None and not torch.cuda.is_available():
+                state += " (no GPU visible here, so nothing runs it in this process)"
         lines.append(f"  fusedopt.{name} ({what}): {state}")
     lines.append("backends (auto picks the first available, in this order per device):")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

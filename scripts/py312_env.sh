@@ -1,17 +1,21 @@
 #!/usr/bin/env bash
-# Idempotent: a Python 3.12 virtual environment with torch==2.13.0, for building and testing
-# fusedopt under Python 3.12 (scripts/check_py312.sh) and for building wheels for Python 3.12.
-# It lives outside the checkout, so that it survives new work trees:
+# Idempotent: a Python 3.12 virtual environment with torch==2.13.0 (or the torch given), for
+# building and testing fusedopt under Python 3.12 (scripts/check_py312.sh) and for building CUDA
+# wheels for Python 3.12 (scripts/wheel_cuda.sh). It lives outside the checkout, so that it
+# survives new work trees:
 #
-#   ${FUSEDOPT_CACHE:-$HOME/.cache/fusedopt}/py312
+#   ${FUSEDOPT_CACHE:-$HOME/.cache/fusedopt}/py312               torch 2.13.0
+#   ${FUSEDOPT_CACHE:-$HOME/.cache/fusedopt}/py312-torch2.11.0   bash scripts/py312_env.sh 2.11.0
 #
-#   bash scripts/py312_env.sh     # prints the venv's python on its last line of stdout
+#   bash scripts/py312_env.sh [TORCH]   # prints the venv's python on its last line of stdout
 #
 #  - Python 3.12: the newest pyenv 3.12.x ($(pyenv root) or ${PYENV_ROOT:-~/.pyenv}, versions/3.12.*),
 #    else a python3.12 on PATH, else /usr/bin or /usr/local/bin/python3.12. None: exit status 2.
 #  - torch==2.13.0: for cp312 pip resolves torch's CUDA build (about 4.7 GB with its nvidia
 #    runtime packages, and the triton it pins, 3.7.1); it runs CPU tensors without a GPU and has
 #    the CUDA headers and libraries to build CUDA extensions. Another torch there is replaced.
+#    torch==2.11.0 for cp312 is likewise PyPI's CUDA 13.0 build (the GPU machine's 2.11.0+cu130),
+#    with triton 3.6.0.
 #  - pytest, hypothesis, numpy (also the Triton interpreter's), expecttest, matplotlib (the
 #    benchmark's --plot), setuptools>=64, wheel, ninja (what building fusedopt needs): installed
 #    when missing. The ecosystem tests' transformers and lightning are not (they skip).
@@ -19,7 +23,8 @@
 set -euo pipefail
 
 CACHE="${FUSEDOPT_CACHE:-$HOME/.cache/fusedopt}"
-VENV="$CACHE/py312"
+TORCH_WANTED="${1:-2.13.0}"
+if [[ "$TORCH_WANTED" == 2.13.0 ]]; then VENV="$CACHE/py312"; else VENV="$CACHE/py312-torch$TORCH_WANTED"; fi
 PY="$VENV/bin/python"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 export PIP_ROOT_USER_ACTION="${PIP_ROOT_USER_ACTION:-ignore}"
@@ -93,15 +98,31 @@ version_of() { awk -v n="$1" '$1 == n { print $2 }' <<<"$STATUS"; }
 
 want=()
 TORCH="$(version_of torch)"
-if [[ "$TORCH" == 2.13.0 || "$TORCH" == 2.13.0+* ]]; then
+if [[ "$TORCH" == "$TORCH_WANTED" || "$TORCH" == "$TORCH_WANTED"+* ]]; then
     log "torch $TORCH already installed"
 else
-    log "torch is $TORCH: installing torch==2.13.0 (CUDA build for cp312, about 4.7 GB)"
-    want+=("torch==2.13.0")
+    log "torch is $TORCH: installing torch==$TORCH_WANTED (CUDA build for cp312, about 4.7 GB)"
+    want+=("torch==$TORCH_WANTED")
+fi
+# torch before 2.13 pins triton 3.6, whose interpreter cannot run fusedopt's kernels with numpy
+# 2.4 or later (int() of a one-element array became an error): numpy<2.4 there (2.3.5 measured
+# to work, 2026-12-05).
+NUMPY=numpy
+if [[ "$TORCH_WANTED" =~ ^2\.([0-9]+)\. ]] && ((BASH_REMATCH[1] < 13)); then
+    NUMPY="numpy<2.4"
+    NUMPY_HAVE="$(version_of numpy)"
+    if [[ "$NUMPY_HAVE" =~ ^([0-9]+)\.([0-9]+) ]] &&
+        ((BASH_REMATCH[1] > 2 || (BASH_REMATCH[1] == 2 && BASH_REMATCH[2] >= 4))); then
+        want+=("$NUMPY")
+    fi
 fi
 for name in pytest hypothesis numpy expecttest matplotlib wheel ninja setuptools; do
     if [[ "$(version_of "$name")" == MISSING ]]; then
-        if [[ "$name" == setuptools ]]; then want+=("setuptools>=64"); else want+=("$name"); fi
+        case "$name" in
+            setuptools) want+=("setuptools>=64") ;;
+            numpy) want+=("$NUMPY") ;;
+            *) want+=("$name") ;;
+        esac
     fi
 done
 if ((${#want[@]})); then

@@ -32,6 +32,8 @@ def load(name):
             _LOADED[name] = f"fusedopt/{name}.so was not built ({why})"
         elif (mismatch := _built_for_other_torch()) is not None:
             _LOADED[name] = mismatch
+        elif name == "_cuda" and (mismatch := _built_for_other_cuda()) is not None:
+            _LOADED[name] = mismatch
         else:
             try:
                 if name != "_C":
@@ -92,6 +94,30 @@ def _built_for_other_torch():
             f"the compiled libraries were built for torch {info['torch']} (CUDA "
             f"{info['cuda'] or 'none'}), and this is torch {torch.__version__}: install the "
             "wheel built for this torch, or rebuild (pip install --no-build-isolation .)"
+        )
+    return None
+
+
+def _built_for_other_cuda():
+    """Why the CUDA library must not be loaded into this torch, or None: it links the CUDA
+    runtime of the major version it was built with (libcudart.so.13 for CUDA 13.x), which is the
+    one torch's CUDA build brings; under a torch of another CUDA major version, or a CPU-only
+    torch, that runtime is not there, and the loader's own error would not say why."""
+    info = build_info()
+    if info is None or not info.get("cuda"):
+        return None
+    wheel = "a fusedopt built for this torch (pip install --no-build-isolation . builds one)"
+    if not torch.version.cuda:
+        return (
+            f"fusedopt/_cuda.so was built for CUDA {info['cuda']} (torch {info['torch']}), and "
+            f"this torch ({torch.__version__}) is a CPU-only build: install torch's CUDA build, "
+            f"or {wheel}"
+        )
+    if info["cuda"].split(".")[0] != torch.version.cuda.split(".")[0]:
+        return (
+            f"fusedopt/_cuda.so was built for CUDA {info['cuda']}, and this torch "
+            f"({torch.__version__}) uses CUDA {torch.version.cuda}: it needs the CUDA "
+            f"{info['cuda'].split('.')[0]} runtime, which this torch does not load. Install {wheel}"
         )
     return None
 
