@@ -101,9 +101,11 @@ for TORCH in "${TORCHES[@]}"; do
     RAW="$(ls "$WORK/raw-$TORCH"/fusedopt-*.whl)"
     times+=("build $(took "$t") s")
     # the compile steps ninja timed: the longest one bounds the build on any number of cores
-    find "$SRC/build" -name .ninja_log -exec cat {} + 2>/dev/null |
-        awk '!/^#/ { n = split($4, p, "/"); printf "%.1f s %s\n", ($2 - $1) / 1000, p[n] }' |
+    NINJA_LOG="$(find "$SRC/build" -name .ninja_log -exec cat {} + 2>/dev/null | grep -v '^#' || true)"
+    awk '{ n = split($4, p, "/"); printf "%.1f s %s\n", ($2 - $1) / 1000, p[n] }' <<<"$NINJA_LOG" |
         sort -rn | head -n 5 | sed 's/^/wheel_cuda:   compile /'
+    awk '{ s += $2 - $1 } END { printf "wheel_cuda:   compile steps: %d, %.1f s in all\n", NR, s / 1000 }' \
+        <<<"$NINJA_LOG"
 
     # 3. check, and the manylinux wheel
     t=$(now)

@@ -59,6 +59,26 @@ def test_setup_builds_every_required_arch_with_this_nvcc():
     assert scope["_default_cuda_archs"](cuda_home) == REQUIRED
 
 
+def test_nvcc_threads(monkeypatch):
+    """nvcc --threads for a many-arch build: one per 4 cores, at most one per arch."""
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    (fn,) = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "_nvcc_threads"]
+    scope = {"os": os}
+    exec(compile(ast.Module(body=[fn], type_ignores=[]), "setup.py", "exec"), scope)
+    threads = scope["_nvcc_threads"]
+    monkeypatch.delenv("FUSEDOPT_NVCC_THREADS", raising=False)
+    for cores, archs, want in (
+        (2, REQUIRED, 1),
+        (16, REQUIRED, 4),
+        (64, REQUIRED, 6),
+        (16, "9.0", 1),
+    ):
+        monkeypatch.setattr(os, "cpu_count", lambda c=cores: c)
+        assert threads(archs) == want, (cores, archs)
+    monkeypatch.setenv("FUSEDOPT_NVCC_THREADS", "3")
+    assert threads(REQUIRED) == 3
+
+
 def test_readme_names_the_excludes():
     readme = (ROOT / "README.md").read_text()
     for lib in wheel_check.EXCLUDES:
