@@ -2,6 +2,8 @@
 blockwise quantization to the nearest code, and the comparison with bitsandbytes 0.50's own CPU
 quantization (scripts/setup_env.sh installs bitsandbytes==0.50.2)."""
 
+import math
+
 import pytest
 import torch
 
@@ -132,3 +134,68 @@ def test_state_memory():
     for numel in (4096, 4097, 10**6 + 1):
         assert 2 * quant8.state_bytes(numel) / numel <= 2.1
     assert quant8.state_bytes(256) == 256 + 4 and quant8.state_bytes(257) == 257 + 8
+
+
+def _adamw8bit_steps(params, grads, quantize, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, wd=0.01):
+    """AdamW with 8-bit states, written out: per step, dequantize both states, update them and
+    the parameter in float32 as torch.optim.AdamW orders it, requantize both with the new
+    absmax. ``quantize(x, code) -> (codes, absmax)``. Returns [(param, (m codes, m absmax),
+    (v codes, v absmax))] per parameter."""
+    signed, unsigned = quant8.dynamic_map(True), quant8.dynamic_map(False)
+    out = []
+    for p0, gs in zip(params, grads):
+        p = p0.clone()
+        m, v = quantize(torch.zeros_like(p), signed), quantize(torch.zeros_like(p), unsigned)
+        for step, g in enumerate(gs, start=1):
+            m32 = quant8.dequantize_blockwise(*m, signed)
+            v32 = quant8.dequantize_blockwise(*v, unsigned)
+            p.mul_(1 - lr * wd)
+            m32.mul_(betas[0]).add_(g, alpha=1 - betas[0])
+            v32.mul_(betas[1]).addcmul_(g, g, value=1 - betas[1])
+            denom = (v32.sqrt() / math.sqrt(1 - betas[1] ** step)).add_(eps)
+            p.addcdiv_(m32, denom, value=-lr / (1 - betas[0] ** step))
+            m, v = quantize(m32, signed), quantize(v32, unsigned)
+        out.append((p, m, v))
+    return out
+
+
+def test_adamw8bit_step_is_bitsandbytes(bnb_functional):
+    """bitsandbytes' AdamW8bit on CPU, 10 steps: with bitsandbytes' own quantization the step
+    above gives its states code for code, so the 8-bit step (which map per state, requantizing
+    with the new absmax, the update's order) is bitsandbytes'. With fusedopt's nearest-code
+    quantization, the codes differ only through bitsandbytes' approximate search (above): 99.95%
+    of them within one code here (measured 2026-12-05; issue 24 asks 99.9%)."""
+    import bitsandbytes as bnb  # noqa: PLC0415 - the fixture skips without it
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [(64, 128), (5000,), (300, 77)]  # all >= 4096 elements: 8-bit in bitsandbytes
+    params = [torch.randn(s, generator=g) for s in shapes]
+    grads = [[torch.randn(s, generator=g) * 0.01 for _ in range(10)] for s in shapes]
+    theirs = [torch.nn.Parameter(p.clone()) for p in params]
+    opt = bnb.optim.AdamW8bit(theirs, lr=1e-3, weight_decay=0.01, min_8bit_size=4096)
+    for i in range(10):
+        for p, gs in zip(theirs, grads):
+            p.grad = gs[i].clone()
+        opt.step()
+
+    def bnb_quantize(x, code):
+        codes, qstate = bnb_functional.quantize_blockwise(
+            x.contiguous(), code=code.clone(), blocksize=quant8.BLOCK
+        )
+        return codes, qstate.absmax
+
+    within = total = 0
+    for quantize in (bnb_quantize, quant8.quantize_blockwise):
+        for p, (ours, m, v) in zip(theirs, _adamw8bit_steps(params, grads, quantize)):
+            st = opt.state[p]
+            for (codes, _), key in ((m, "state1"), (v, "state2")):
+                if quantize is bnb_quantize:
+                    assert torch.equal(codes, st[key])
+                else:
+                    diff = (codes.int() - st[key].int()).abs()
+                    within += int((diff <= 1).sum())
+                    total += diff.numel()
+            if quantize is bnb_quantize:
+                torch.testing.assert_close(ours, p.detach(), rtol=0, atol=1e-6)
+    print(f"within one code of bitsandbytes' AdamW8bit: {within / total:.4%}")
+    assert within / total >= 0.999
