@@ -81,7 +81,8 @@ def _nvcc_threads(arch_list):
     architectures made update_rmsprop.cu one 54.5 s compile step of 165.5 s in all (2-core
     machine, 2026-12-05): on many cores that one file was the build's length. One thread per 4
     cores, at most one per architecture: none on 2 cores (measured there: 92.0 s with
-    --threads 2 against 94.8 s without, the same SASS), 4 on the 16-core GPU machine.
+    --threads 2 against 93.1 s without, the same SASS sizes:
+    benchmarks/results/wheel_cuda_threads_2026-12-05.txt), 4 on the 16-core GPU machine.
     FUSEDOPT_NVCC_THREADS overrides it."""
     if os.environ.get("FUSEDOPT_NVCC_THREADS"):
         return int(os.environ["FUSEDOPT_NVCC_THREADS"])

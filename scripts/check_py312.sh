@@ -4,7 +4,8 @@
 # it from outside the checkout. The GPU machine runs Python 3.12, where a process that had stepped
 # died at exit (issue 22). CI runs scripts/wheel_cuda.sh instead, which does the same for the CUDA
 # wheels (the same CPU library, and the CUDA one beside it); this is the quicker check without
-# CUDA: about 2.5 min on the 2-core machine with the venv cached (creating it adds about 2).
+# CUDA: 1 min 50 s on the 2-core machine with the venv cached (creating it adds about 2;
+# benchmarks/results/check_py312_2026-12-05.log).
 #
 #   bash scripts/check_py312.sh
 set -euo pipefail
