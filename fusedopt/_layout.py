@@ -119,6 +119,11 @@ class Bucket(NamedTuple):
     shadow: bool
     stochastic: bool
 
+    @property
+    def eight_bit(self):
+        """8-bit state: uint8 codes plus a float32 absmax per block (fusedopt/quant8.py)."""
+        return str(self.state) == "torch.uint8"
+
 
 # A bucket as the native kernels receive it, one int:
 # param | grad << 2 | state << 4 | shadow << 6 | stochastic << 7 (dtype codes above).

@@ -54,6 +54,7 @@ class Adam(FusedOptimizer):
         max_grad_norm=None,
         master_weights=False,
         state_dtype=None,
+        min_8bit_size=4096,
         stochastic_rounding=False,
     ):
         defaults = {
@@ -76,6 +77,7 @@ class Adam(FusedOptimizer):
             max_grad_norm,
             master_weights=master_weights,
             state_dtype=state_dtype,
+            min_8bit_size=min_8bit_size,
             stochastic_rounding=stochastic_rounding,
         )
 
@@ -141,6 +143,7 @@ class AdamW(Adam):
         max_grad_norm=None,
         master_weights=False,
         state_dtype=None,
+        min_8bit_size=4096,
         stochastic_rounding=False,
     ):
         super().__init__(
@@ -160,6 +163,7 @@ class AdamW(Adam):
             max_grad_norm=max_grad_norm,
             master_weights=master_weights,
             state_dtype=state_dtype,
+            min_8bit_size=min_8bit_size,
             stochastic_rounding=stochastic_rounding,
         )
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.distributed.tensor import DTensor
 
-from . import _amp, _plan, backends
+from . import _amp, _plan, backends, quant8
 from ._layout import LR_FLOAT, LR_NOAM, LR_SCHEDULE, LR_TENSOR, Bucket
 from .schedule import Noam, Schedule
 
@@ -34,6 +34,9 @@ class Slot:
     bucket: Bucket  # the fused pass it belongs to
     shadow: torch.Tensor = None  # with a master: the model's parameter, written rounded
     owner: torch.Tensor = None  # the parameter as param_groups holds it (a DTensor for FSDP2)
+    # 8-bit states (bucket.state uint8): per slot, the float32 absmax per block of 256 (None
+    # where the slot is unused); ``states`` then holds the uint8 codes
+    absmax: tuple = None
 
     @property
     def stochastic(self):
@@ -88,7 +91,10 @@ def _is_dense(t):
 
 def _state_dtype(group, p):
     """The dtype of ``p``'s optimizer state: the group's state_dtype, else fp32 with a master,
-    else the parameter's own (as torch.optim keeps it)."""
+    else the parameter's own (as torch.optim keeps it). 8-bit (uint8) only for parameters of at
+    least ``min_8bit_size`` elements; smaller ones keep fp32 state, as bitsandbytes does."""
+    if group["state_dtype"] == torch.uint8:
+        return torch.uint8 if p.numel() >= group["min_8bit_size"] else torch.float32
     if group["state_dtype"] is not None:
         return group["state_dtype"]
     return torch.float32 if group["master_weights"] and p.dtype != torch.float32 else p.dtype
@@ -134,6 +140,46 @@ def _to_param_layout(value, p, dtype=None):
     out = torch.empty_like(p, dtype=dtype, memory_format=torch.preserve_format)
     out.copy_(value)
     return out
+
+
+def _ensure_state(st, name, p, dtype):
+    """Create ``p``'s state ``name`` in ``dtype`` where it is missing, or convert it where
+    ``state_dtype`` changed since it was made: 8-bit states are (de)quantized."""
+    scale = quant8.absmax_name(name)
+    value = st.get(name)
+    if value is None:
+        if dtype == torch.uint8:
+            st[name], st[scale] = quant8.empty_state(p, name)
+        else:
+            st[name] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+        return
+    if value.dtype == dtype:
+        return
+    if value.dtype == torch.uint8:
+        value = quant8.dequantize_state(value, st.pop(scale), name)
+    if dtype == torch.uint8:
+        st[name], st[scale] = quant8.quantize_state(value, p, name)
+    else:
+        st[name] = _to_param_layout(value, p, dtype)
+
+
+def _loaded_state(st, name, p, dtype):
+    """``st[name]`` (as the checkpoint held it, before torch.optim's cast to ``p``'s dtype) made
+    into ``p``'s state in ``dtype``, always a copy: 8-bit codes keep their blocks when their
+    layout is ``p``'s, and are dequantized and quantized again in ``p``'s memory order when not."""
+    scale = quant8.absmax_name(name)
+    value = st[name]
+    if value.dtype == torch.uint8 and scale in st:
+        absmax = st.pop(scale).to(device=p.device, dtype=torch.float32, copy=True)
+        codes = value.to(p.device)
+        if dtype == torch.uint8 and codes.stride() == _local(p).stride():
+            st[name], st[scale] = codes.clone(memory_format=torch.preserve_format), absmax
+            return
+        value = quant8.dequantize_state(codes, absmax, name)
+    if dtype == torch.uint8:
+        st[name], st[scale] = quant8.quantize_state(value.to(p.device), p, name)
+    else:
+        st[name] = _to_param_layout(value, p, dtype)
 
 
 class FusedOptimizer(torch.optim.Optimizer):
@@ -318,7 +364,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             for key, p in zip(saved["params"], group["params"]):
                 owners[key] = (p, merged)
         step_key = {"step"} if self._step_in_state else set()
-        allowed = {*step_key, "master_param", *(n for n in self._state_names if n)}
+        names = [n for n in self._state_names if n]
+        allowed = {*step_key, "master_param", *names, *map(quant8.absmax_name, names)}
         for key, st in state_dict["state"].items():
             if key not in owners:
                 continue
@@ -338,10 +385,37 @@ class FusedOptimizer(torch.optim.Optimizer):
                     f"{sorted(required)}"
                 )
             for n in allowed - step_key:
-                if n in st and tuple(st[n].shape) != tuple(p.shape):
+                if n not in st:
+                    continue
+                scale = n.endswith(quant8.ABSMAX)
+                shape = (quant8.n_blocks(p.numel()),) if scale else tuple(p.shape)
+                if not isinstance(st[n], torch.Tensor) or tuple(st[n].shape) != shape:
+                    got = tuple(st[n].shape) if isinstance(st[n], torch.Tensor) else type(st[n])
                     raise ValueError(
-                        f"fusedopt.{name}: state '{n}' of parameter {key} has shape "
-                        f"{tuple(st[n].shape)}, the parameter {tuple(p.shape)}"
+                        f"fusedopt.{name}: state '{n}' of parameter {key} has shape {got}; "
+                        + (
+                            f"8-bit absmaxes of a parameter of {p.numel()} elements are {shape}"
+                            if scale
+                            else f"the parameter {tuple(p.shape)}"
+                        )
+                    )
+            for n in names:
+                codes, scale = st.get(n), st.get(quant8.absmax_name(n))
+                if scale is not None and codes is None:
+                    raise ValueError(
+                        f"fusedopt.{name}: state '{quant8.absmax_name(n)}' of parameter {key} "
+                        f"has no '{n}' (the 8-bit codes it scales)"
+                    )
+                if codes is not None and (codes.dtype == torch.uint8) != (scale is not None):
+                    raise ValueError(
+                        f"fusedopt.{name}: state '{n}' of parameter {key} is {codes.dtype} "
+                        + (
+                            "without its absmax: 8-bit states are stored as uint8 codes and "
+                            f"'{quant8.absmax_name(n)}'"
+                            if scale is None
+                            else f"with '{quant8.absmax_name(n)}', which only 8-bit (uint8) "
+                            "codes have"
+                        )
                     )
 
     def load_state_dict(self, state_dict):
@@ -351,7 +425,23 @@ class FusedOptimizer(torch.optim.Optimizer):
         # was built with (a fusedopt checkpoint's own win, as for any hyperparameter)
         precision = [{k: g[k] for k in PRECISION_DEFAULTS} for g in self.param_groups]
         saved_keys = [set(g) for g in state_dict["param_groups"]]
+        # torch.optim casts every floating state tensor to its parameter's dtype: the fp32 state
+        # and masters of bf16 parameters, and 8-bit absmaxes, are taken from the checkpoint as
+        # they are instead (and 8-bit codes are never cast)
+        index = {
+            key: p
+            for group, saved in zip(self.param_groups, state_dict["param_groups"])
+            for key, p in zip(saved["params"], group["params"])
+        }
+        originals = {
+            index[key]: {n: v for n, v in st.items() if n != "step" and torch.is_tensor(v)}
+            for key, st in state_dict["state"].items()
+            if key in index
+        }
         super().load_state_dict(state_dict)
+        for p, values in originals.items():
+            if p in self.state:
+                self.state[p].update(values)
         self._plan = None
         if not self._step_in_state:
             # The update counts are not in a state_dict: a parameter with state has had its
@@ -414,7 +504,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                     )
                 for name in self._state_names:
                     if name and name in st:
-                        st[name] = _to_param_layout(st[name], p, _state_dtype(group, p))
+                        _loaded_state(st, name, p, _state_dtype(group, p))
                 if "master_param" in st:
                     st["master_param"] = _to_param_layout(st["master_param"], p, torch.float32)
 
@@ -497,7 +587,14 @@ class FusedOptimizer(torch.optim.Optimizer):
                     )
                 if lp.numel():
                     storages.setdefault(lp.untyped_storage().data_ptr(), []).append(lp)
-                key = (gi, p.dtype)  # a bucket depends on nothing else: one per group and dtype
+                if group["state_dtype"] == torch.uint8 and isinstance(p, DTensor):
+                    raise NotImplementedError(
+                        f"fusedopt.{name}: state_dtype=torch.uint8 does not support DTensor "
+                        "(FSDP2) parameters yet: their 8-bit blocks would follow each rank's "
+                        "shard. Use state_dtype=torch.bfloat16, or DDP."
+                    )
+                # a bucket depends on nothing else: one per group, dtype and (8-bit) size class
+                key = (gi, p.dtype, _state_dtype(group, p) == torch.uint8)
                 bucket = memo.get(key) or memo.setdefault(key, _bucket_of(p, group))
                 by_device.setdefault(lp.device, []).append((gi, p, lg, bucket))
                 buckets.setdefault(lp.device, set()).add(bucket)
@@ -556,15 +653,12 @@ class FusedOptimizer(torch.optim.Optimizer):
                     st["step"] = step
                 else:
                     self._steps[p] = step
-            states = []
+            states, absmax = [], []
             for name, needed in zip(self._state_names, needs):
-                if needed and name not in st:
-                    st[name] = torch.zeros_like(
-                        p, dtype=bucket.state, memory_format=torch.preserve_format
-                    )
-                elif needed and st[name].dtype != bucket.state:  # state_dtype changed since
-                    st[name] = _to_param_layout(st[name], p, bucket.state)
+                if needed:
+                    _ensure_state(st, name, p, bucket.state)
                 states.append(st[name] if needed else None)
+                absmax.append(st[quant8.absmax_name(name)] if needed and bucket.eight_bit else None)
             lp = _local(p)
             target, shadow = lp, None
             if bucket.shadow:
@@ -576,8 +670,11 @@ class FusedOptimizer(torch.optim.Optimizer):
                 work.grad_copies.append((g, copy))  # unscaled write-back: copied back after
                 g = copy
             states = tuple(None if t is None else _local(t) for t in states)
-            slots.append(Slot(gi, target, g, step, states, bucket, shadow, p))
-        order = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+            slot = Slot(gi, target, g, step, states, bucket, shadow, p)
+            if bucket.eight_bit:
+                slot.absmax = tuple(absmax)
+            slots.append(slot)
+        order = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.uint8: 3}
         slots.sort(key=lambda s: tuple(order.get(x, x) for x in s.bucket))
         work.slots = slots
         work.buckets = []
@@ -627,15 +724,25 @@ class FusedOptimizer(torch.optim.Optimizer):
                 self._last_lr[gi] = last[gi]
 
 
-PRECISION_DEFAULTS = {"master_weights": False, "state_dtype": None, "stochastic_rounding": False}
+PRECISION_DEFAULTS = {
+    "master_weights": False,
+    "state_dtype": None,
+    "stochastic_rounding": False,
+    # state_dtype=torch.uint8: tensors with fewer elements keep fp32 state (bitsandbytes' default)
+    "min_8bit_size": 4096,
+}
 
 
 def _check_precision(group):
     """The low-precision options a group may set (see FusedOptimizer's docstring)."""
-    if group["state_dtype"] not in (None, *_SUPPORTED_DTYPES):
+    if group["state_dtype"] not in (None, *_SUPPORTED_DTYPES, torch.uint8):
         raise ValueError(
-            f"Invalid state_dtype: {group['state_dtype']} (float32, bfloat16, float16 or None)"
+            f"Invalid state_dtype: {group['state_dtype']} (float32, bfloat16, float16, "
+            "uint8 (8-bit) or None)"
         )
+    size = group["min_8bit_size"]
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise ValueError(f"Invalid min_8bit_size: {size!r} (an int >= 0)")
     if group["stochastic_rounding"] and group["master_weights"]:
         raise ValueError(
             "stochastic_rounding rounds bf16 parameters that have no fp32 master copy; with "

@@ -104,3 +104,72 @@ def dequantize_blockwise(codes, absmax, code, block=BLOCK):
 def state_bytes(numel, block=BLOCK):
     """Bytes an 8-bit state of ``numel`` elements takes: the codes and the absmaxes."""
     return numel + 4 * n_blocks(numel, block)
+
+
+# ---------------------------------------------------------------------------------------------
+# An optimizer's 8-bit state (``state_dtype=torch.uint8``): a state ``name`` of a parameter is
+# stored as ``state[name]``, uint8 codes with the parameter's shape and strides, and
+# ``state[name + ABSMAX]``, float32 [n_blocks(numel)]. The blocks run over the parameter's
+# elements in memory order (a channels_last parameter's too), as the fused kernels walk them.
+
+ABSMAX = "_absmax"
+
+
+def absmax_name(state_name):
+    return state_name + ABSMAX
+
+
+def storage_flat(t):
+    """A 1-d view of a dense tensor's elements in memory order."""
+    return torch.as_strided(t, (t.numel(),), (1,), t.storage_offset())
+
+
+def zero_code(state_name):
+    """The code of 0.0 in the map of ``state_name``."""
+    code = map_for(state_name)
+    return int((code == 0).nonzero()[0, 0])
+
+
+def empty_state(like, state_name):
+    """A zero 8-bit state for a parameter ``like``: (codes, absmax)."""
+    codes = torch.full_like(
+        like, zero_code(state_name), dtype=torch.uint8, memory_format=torch.preserve_format
+    )
+    absmax = torch.zeros(n_blocks(like.numel()), dtype=torch.float32, device=like.device)
+    return codes, absmax
+
+
+def quantize_state(value, like, state_name):
+    """(codes, absmax) of the float tensor ``value`` (``like``'s shape) as ``like``'s 8-bit
+    state ``state_name``: the codes in ``like``'s layout, the blocks in its memory order."""
+    codes, _ = empty_state(like, state_name)
+    laid = torch.empty_like(like, dtype=torch.float32, memory_format=torch.preserve_format)
+    laid.copy_(value)
+    flat_codes, absmax = quantize_blockwise(storage_flat(laid), map_for(state_name, like.device))
+    storage_flat(codes).copy_(flat_codes)
+    return codes, absmax
+
+
+def dequantize_state(codes, absmax, state_name):
+    """The float32 values (``codes``' shape and layout) of an 8-bit state."""
+    out = torch.empty_like(codes, dtype=torch.float32, memory_format=torch.preserve_format)
+    values = dequantize_blockwise(storage_flat(codes), absmax, map_for(state_name, codes.device))
+    storage_flat(out).copy_(values)
+    return out
+
+
+def to_torch_state_dict(state_dict):
+    """A copy of an optimizer state_dict with every 8-bit state replaced by its float32 values, as
+    torch.optim loads it (``torch.optim.AdamW.load_state_dict(to_torch_state_dict(sd))``); other
+    entries are shared, not copied."""
+    out = {k: v for k, v in state_dict.items() if k != "state"}
+    out["state"] = {}
+    for key, st in state_dict["state"].items():
+        new = dict(st)
+        for name, value in st.items():
+            scale = st.get(absmax_name(name))
+            if scale is not None and isinstance(value, torch.Tensor):
+                new[name] = dequantize_state(value.to(torch.uint8), scale.float(), name)
+                del new[absmax_name(name)]
+        out["state"][key] = new
+    return out

@@ -44,6 +44,7 @@ class SGD(FusedOptimizer):
         max_grad_norm=None,
         master_weights=False,
         state_dtype=None,
+        min_8bit_size=4096,
         stochastic_rounding=False,
     ):
         defaults = {
@@ -64,6 +65,7 @@ class SGD(FusedOptimizer):
             max_grad_norm,
             master_weights=master_weights,
             state_dtype=state_dtype,
+            min_8bit_size=min_8bit_size,
             stochastic_rounding=stochastic_rounding,
         )
 

@@ -140,7 +140,7 @@ class NativeBackend:
     def supports(self, bucket):
         """The (param, grad, state dtypes, shadow, stochastic) combinations csrc/ has kernels
         for (csrc/cuda/multi_tensor.cuh's SupportedBuckets, the CPU dispatch likewise)."""
-        return L.bucket_code(bucket) in NATIVE_BUCKETS
+        return not bucket.eight_bit and L.bucket_code(bucket) in NATIVE_BUCKETS
 
     def unavailable(self, device):
         if device.type != self.name:

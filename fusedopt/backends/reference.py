@@ -6,8 +6,11 @@ correction and Noam rates computed in float64 from the on-device step, and no ho
 scalar that depends on the step stays a device tensor). It is not fused: several passes per tensor.
 """
 
+import dataclasses
+
 import torch
 
+from .. import quant8
 from .._layout import LR_FLOAT, LR_NOAM, LR_SCHEDULE, LR_TENSOR
 
 
@@ -197,6 +200,22 @@ def _sgd(slot, index, h, lr, g, skip):
 _UPDATES = {"adam": _adam, "rmsprop": _rmsprop, "sgd": _sgd}
 
 
+def _update_8bit(update, names, slot, index, h, lr, g, skip):
+    """``update`` on a tensor with 8-bit state (fusedopt/quant8.py): each state is dequantized
+    to float32, updated as any float32 state, then quantized with the absmax of its new values
+    (a step GradScaler skips keeps codes and absmaxes as they were)."""
+    values = tuple(
+        None if codes is None else quant8.dequantize_state(codes, scale, name)
+        for codes, scale, name in zip(slot.states, slot.absmax, names)
+    )
+    update(dataclasses.replace(slot, states=values), index, h, lr, g, skip)
+    for codes, scale, value, name in zip(slot.states, slot.absmax, values, names):
+        if codes is not None:
+            new_codes, new_scale = quant8.quantize_state(value, codes, name)
+            _store(codes, new_codes, skip)
+            _store(scale, new_scale, skip)
+
+
 class TorchBackend:
     name = "torch"
 
@@ -233,7 +252,11 @@ class TorchBackend:
         grads, norm = _grads(work, skip)
         update = _UPDATES[opt._op]
         for index, (slot, g) in enumerate(zip(work.slots, grads)):
-            update(slot, index, work.hyper[slot.group], lrs[slot.group], g, skip)
+            h, lr = work.hyper[slot.group], lrs[slot.group]
+            if slot.absmax is None:
+                update(slot, index, h, lr, g, skip)
+            else:
+                _update_8bit(update, opt._state_names, slot, index, h, lr, g, skip)
         opt._set_last_lr(work, _lr_buffers(opt, lrs, work.lrs))
         if norm is not None:
             last = opt._last_grad_norm

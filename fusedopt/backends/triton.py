@@ -37,7 +37,7 @@ class TritonBackend:
         return self._kernels
 
     def supports(self, bucket):
-        return True
+        return not bucket.eight_bit
 
     def unavailable(self, device):
         err = _import_error()
