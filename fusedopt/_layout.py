@@ -20,7 +20,10 @@ LR_FLOAT, LR_TENSOR, LR_NOAM, LR_SCHEDULE = 0, 1, 2, 3
 
 # per tensor
 T_PARAM, T_S0, T_S1, T_S2, T_STEP, T_NUMEL, T_GROUP, T_SHADOW = range(8)
-TMETA_WIDTH = 8
+# 8-bit state (a bucket's state dtype uint8): the float32 absmax per QBLOCK elements of each slot
+T_A0, T_A1, T_A2 = 8, 9, 10
+TMETA_WIDTH = 11
+QBLOCK = 256  # fusedopt/quant8.py's BLOCK: every chunk size is a multiple of it
 
 # per group, pointers
 G_LR_PTR, G_COUNTER_PTR, G_SCHED_PTR = range(3)
@@ -105,7 +108,7 @@ def partials_numel(n_chunks):
 
 
 # dtype codes of the native kernels
-DTYPE_CODES = {"float32": 0, "bfloat16": 1, "float16": 2}
+DTYPE_CODES = {"float32": 0, "bfloat16": 1, "float16": 2, "uint8": 3}  # uint8: 8-bit state
 
 
 class Bucket(NamedTuple):

@@ -169,9 +169,14 @@ CASES = [
         "adam",
         "tmeta-width",
         _set("tmeta", lambda t: t[:, :7].contiguous()),
-        r"tmeta must be \[n_tensors, 8\]",
+        r"tmeta must be \[n_tensors, 11\]",
     ),
-    ("adam", "tmeta-1d", _set("tmeta", lambda t: t.reshape(-1)), r"tmeta must be \[n_tensors, 8\]"),
+    (
+        "adam",
+        "tmeta-1d",
+        _set("tmeta", lambda t: t.reshape(-1)),
+        r"tmeta must be \[n_tensors, 11\]",
+    ),
     (
         "adam",
         "grads-meta-short",
@@ -364,7 +369,7 @@ CASES = [
         "rmsprop",
         "tmeta-width",
         _set("tmeta", lambda t: t[:, :7].contiguous()),
-        r"tmeta must be \[n_tensors, 8\]",
+        r"tmeta must be \[n_tensors, 11\]",
     ),
     (
         "rmsprop",

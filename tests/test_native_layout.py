@@ -36,6 +36,10 @@ def test_header_matches_python_layout():
         "T_NUMEL": L.T_NUMEL,
         "T_GROUP": L.T_GROUP,
         "TMETA_WIDTH": L.TMETA_WIDTH,
+        "T_A0": L.T_A0,
+        "T_A1": L.T_A1,
+        "T_A2": L.T_A2,
+        "QBLOCK": L.QBLOCK,
         "G_LR_PTR": L.G_LR_PTR,
         "G_COUNTER_PTR": L.G_COUNTER_PTR,
         "GPTR_WIDTH": L.GPTR_WIDTH,
@@ -56,6 +60,7 @@ def test_header_matches_python_layout():
         "DTYPE_FLOAT32": L.DTYPE_CODES["float32"],
         "DTYPE_BFLOAT16": L.DTYPE_CODES["bfloat16"],
         "DTYPE_FLOAT16": L.DTYPE_CODES["float16"],
+        "DTYPE_UINT8": L.DTYPE_CODES["uint8"],
     }
     sched = "LR_SCHEDULE G_SCHED_PTR SP_KIND SP_WARMUP SP_A SP_B SP_C SP_D SP_E SP_F SP_N".split()
     sched += "SP_MILESTONES SK_CONSTANT SK_LINEAR SK_COSINE SK_COSINE_RESTARTS".split()
@@ -68,3 +73,25 @@ def test_header_matches_python_layout():
         expected.update({f"{name}_col.{k}": v for k, v in cols.items()})
         expected.update({f"{name}_scal.{k}": i for i, k in enumerate(scal)})
     assert {k: c.get(k) for k in expected} == expected
+
+
+def test_quant8_header_maps_are_python_maps():
+    """csrc/include/fusedopt/quant8.h's maps are fusedopt.quant8's bit for bit, and each
+    optimizer's kSignedSlots names the slots whose state quant8 quantizes with the signed map."""
+    import torch  # noqa: PLC0415
+
+    import fusedopt  # noqa: PLC0415
+    from fusedopt import quant8  # noqa: PLC0415
+
+    text = (HEADER.parent / "quant8.h").read_text()
+    for name, signed in (("kSignedMap", True), ("kUnsignedMap", False)):
+        body = text.split(f"{name}[256] = {{", 1)[1].split("};", 1)[0]
+        values = [float.fromhex(v.strip().removesuffix("f")) for v in body.split(",") if v.strip()]
+        expected = quant8.dynamic_map(signed)
+        assert torch.equal(torch.tensor(values, dtype=torch.float32), expected), name
+    optim = HEADER.parent / "optim"
+    for cls, header in ((fusedopt.Adam, "adam.h"), (fusedopt.RMSprop, "rmsprop.h"),
+                        (fusedopt.SGD, "sgd.h")):  # fmt: skip
+        mask = int(re.search(r"kSignedSlots = 0b([01]+)u", (optim / header).read_text())[1], 2)
+        signed = sum(1 << k for k, n in enumerate(cls._state_names) if n in quant8.SIGNED_STATES)
+        assert mask == signed, header

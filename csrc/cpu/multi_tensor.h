@@ -59,6 +59,10 @@ template <>
 struct Storage<DTYPE_FLOAT16> {
   using type = _Float16;
 };
+template <>
+struct Storage<DTYPE_UINT8> {  // 8-bit state: codes (update_loops.h's update_run_8bit)
+  using type = uint8_t;
+};
 
 template <int D>
 static inline float ld(const typename Storage<D>::type* p, int64_t i) {
@@ -107,10 +111,12 @@ struct Bucket {
 // kernels have no variant of. The same list as csrc/cuda's (fusedopt/backends/native.py's
 // NATIVE_BUCKETS): each dtype alone; fp32 parameters with bf16 or fp16 state; an fp32 master for
 // bf16/fp16 parameters (fp32 state, or bf16 for bf16); bf16 parameters with fp32 state;
-// stochastic rounding of bf16 parameters (bf16 or fp32 state).
+// stochastic rounding of bf16 parameters (bf16 or fp32 state); 8-bit state (U8) for fp32
+// parameters, fp32 masters of bf16 parameters, bf16 parameters (rounded to nearest or
+// stochastically).
 template <typename F>
 inline bool with_bucket(int64_t code, F&& f) {
-  constexpr int F32 = DTYPE_FLOAT32, BF16 = DTYPE_BFLOAT16, F16 = DTYPE_FLOAT16;
+  constexpr int F32 = DTYPE_FLOAT32, BF16 = DTYPE_BFLOAT16, F16 = DTYPE_FLOAT16, U8 = DTYPE_UINT8;
   switch (code) {
 #define FUSEDOPT_BUCKET(...)      \
   case Bucket<__VA_ARGS__>::code: \
@@ -127,6 +133,10 @@ inline bool with_bucket(int64_t code, F&& f) {
     FUSEDOPT_BUCKET(BF16, BF16, F32)
     FUSEDOPT_BUCKET(BF16, BF16, BF16, false, true)
     FUSEDOPT_BUCKET(BF16, BF16, F32, false, true)
+    FUSEDOPT_BUCKET(F32, F32, U8)
+    FUSEDOPT_BUCKET(F32, BF16, U8, true)
+    FUSEDOPT_BUCKET(BF16, BF16, U8)
+    FUSEDOPT_BUCKET(BF16, BF16, U8, false, true)
 #undef FUSEDOPT_BUCKET
     default:
       return false;

@@ -7,6 +7,7 @@
 #include <utility>
 
 #include "fusedopt/optim/all.h"
+#include "fusedopt/quant8.h"
 #include "kernels.h"
 #include "multi_tensor.h"
 #include "update_pass.h"
@@ -66,6 +67,56 @@ inline void update_run(typename K::PT* __restrict__ p, typename K::GT* __restric
   }
 }
 
+// update_run for 8-bit state (K::state == DTYPE_UINT8, fusedopt/quant8.h): block by block of
+// QBLOCK elements (begin is a multiple of QBLOCK: every chunk size is), the used slots' codes are
+// dequantized with their block's absmax, the update runs as on float32 state, and each slot's new
+// values are quantized with their new absmax.
+template <class Opt, class K, unsigned ON, bool UNSCALE>
+inline void update_run_8bit(typename K::PT* __restrict__ p, typename K::GT* __restrict__ shadow,
+                            typename K::GT* __restrict__ g, uint8_t* const* codes,
+                            float* const* absmax, int64_t begin, int64_t end,
+                            typename Opt::Args a, float scale, float coef, uint32_t seed) {
+  constexpr unsigned used = Opt::kAlways | (ON & 0b111u);
+  a.on = ON;
+  const float* maps[3];
+  for (int k = 0; k < 3; ++k) {
+    maps[k] = (Opt::kSignedSlots >> k) & 1u ? q8::kSignedMap : q8::kUnsignedMap;
+  }
+  float in[3][QBLOCK], out[3][QBLOCK];
+  for (int64_t b0 = begin; b0 < end; b0 += QBLOCK) {
+    const int n = static_cast<int>(std::min<int64_t>(QBLOCK, end - b0));
+    const int64_t block = b0 / QBLOCK;
+    for (int k = 0; k < 3; ++k) {
+      if (!((used >> k) & 1u)) continue;
+      const float m = absmax[k][block];
+      const uint8_t* c = codes[k] + b0;
+      for (int i = 0; i < n; ++i) in[k][i] = maps[k][c[i]] * m;
+    }
+    for (int i = 0; i < n; ++i) {
+      ElementIo io;
+      io.p = ld<K::param>(p, b0 + i);
+      io.g = grad_at<K::grad, UNSCALE>(g, b0 + i, scale, coef);
+      for (int k = 0; k < 3; ++k) {
+        if ((used >> k) & 1u) io.s[k] = in[k][i];
+      }
+      Opt::template update<ON>(a, io);
+      write_param<K>(p, shadow, b0 + i, io.p_out, seed);
+      for (int k = 0; k < 3; ++k) {
+        if ((used >> k) & 1u) out[k][i] = io.s_out[k];
+      }
+    }
+    for (int k = 0; k < 3; ++k) {
+      if (!((used >> k) & 1u)) continue;
+      float m = 0.0f;
+      for (int i = 0; i < n; ++i) m = q8::absmax_step(m, out[k][i]);
+      absmax[k][block] = m;
+      const float d = q8::divisor(m);
+      uint8_t* c = codes[k] + b0;
+      for (int i = 0; i < n; ++i) c[i] = q8::nearest(out[k][i] / d, maps[k]);
+    }
+  }
+}
+
 // f(std::integral_constant<unsigned, on>{}) for a set of options `on` of Opt (one of its
 // canonical sets: a variant is compiled for each).
 template <class Opt, unsigned ON, class F>
@@ -114,7 +165,17 @@ FUSEDOPT_CPU_TARGETS void update_chunks_typed(unsigned slots, const int64_t* tme
     const uint32_t seed = K::stochastic ? stochastic_seed(t, s[Opt::kSeed]) : 0u;
     with_options<Opt>(a.on & compiled, [&](auto on) {
       constexpr unsigned ON = decltype(on)::value;
-      if (unscale)
+      if constexpr (K::state == DTYPE_UINT8) {
+        uint8_t* const codes[3] = {s0, s1, s2};
+        float* const scales[3] = {addr<DTYPE_FLOAT32>(row[T_A0]), addr<DTYPE_FLOAT32>(row[T_A1]),
+                                  addr<DTYPE_FLOAT32>(row[T_A2])};
+        if (unscale)
+          update_run_8bit<Opt, K, ON, true>(p, shadow, g, codes, scales, first, last, a, scale,
+                                            coef, seed);
+        else
+          update_run_8bit<Opt, K, ON, false>(p, shadow, g, codes, scales, first, last, a, scale,
+                                             coef, seed);
+      } else if (unscale)
         update_run<Opt, K, ON, true>(p, shadow, g, s0, s1, s2, first, last, a, scale, coef, seed);
       else
         update_run<Opt, K, ON, false>(p, shadow, g, s0, s1, s2, first, last, a, scale, coef,

@@ -71,6 +71,20 @@ def _native_buckets():
 NATIVE_BUCKETS = _native_buckets()
 
 
+# The 8-bit state buckets (uint8 codes; csrc/cpu/multi_tensor.h's with_bucket), as (param, grad,
+# shadow, stochastic): fp32 parameters, fp32 masters of bf16 parameters, bf16 parameters (rounded
+# to nearest or stochastically). The CPU kernels have them; the CUDA ones not yet.
+EIGHT_BIT_BUCKETS = frozenset(
+    L.bucket_code(Bucket(param, grad, torch.uint8, shadow, stochastic))
+    for param, grad, shadow, stochastic in (
+        (torch.float32, torch.float32, False, False),
+        (torch.float32, torch.bfloat16, True, False),
+        (torch.bfloat16, torch.bfloat16, False, False),
+        (torch.bfloat16, torch.bfloat16, False, True),
+    )
+)
+
+
 def build_info():
     """What the libraries were built against (fusedopt/_build_info.py), or None if unknown."""
     try:
@@ -140,7 +154,9 @@ class NativeBackend:
     def supports(self, bucket):
         """The (param, grad, state dtypes, shadow, stochastic) combinations csrc/ has kernels
         for (csrc/cuda/multi_tensor.cuh's SupportedBuckets, the CPU dispatch likewise)."""
-        return not bucket.eight_bit and L.bucket_code(bucket) in NATIVE_BUCKETS
+        if bucket.eight_bit:
+            return self.name == "cpu" and L.bucket_code(bucket) in EIGHT_BIT_BUCKETS
+        return L.bucket_code(bucket) in NATIVE_BUCKETS
 
     def unavailable(self, device):
         if device.type != self.name:
@@ -188,7 +204,8 @@ def op_lists(work):
     into; the states; the steps; the Noam counters) and the grads."""
     slots = work.slots
     params = [s.param for s in slots] + [s.shadow for s in slots if s.shadow is not None]
-    states = [t for s in slots for t in s.states if t is not None]
+    # 8-bit states: each slot's codes, then its absmaxes
+    states = [t for s in slots for t in (*s.states, *(s.absmax or ())) if t is not None]
     steps = [s.step for s in slots]
     counters = [g.counter for g in work.lrs if g.counter is not None]
     grads = [s.grad for s in slots]

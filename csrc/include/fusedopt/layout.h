@@ -14,7 +14,11 @@ constexpr int LR_FLOAT = 0, LR_TENSOR = 1, LR_NOAM = 2, LR_SCHEDULE = 3;
 // per tensor, int64 [T, TMETA_WIDTH]
 constexpr int T_PARAM = 0, T_S0 = 1, T_S1 = 2, T_S2 = 3, T_STEP = 4, T_NUMEL = 5, T_GROUP = 6,
               T_SHADOW = 7;
-constexpr int TMETA_WIDTH = 8;
+// 8-bit state (a bucket's state dtype DTYPE_UINT8): the float32 absmax per QBLOCK elements of each
+// slot (fusedopt/quant8.h)
+constexpr int T_A0 = 8, T_A1 = 9, T_A2 = 10;
+constexpr int TMETA_WIDTH = 11;
+constexpr int QBLOCK = 256;
 
 // per group, int64 [G, GPTR_WIDTH]
 constexpr int G_LR_PTR = 0, G_COUNTER_PTR = 1, G_SCHED_PTR = 2;
@@ -79,7 +83,7 @@ constexpr int64_t partials_numel(int64_t n_chunks) {
 }
 
 // dtype codes
-constexpr int DTYPE_FLOAT32 = 0, DTYPE_BFLOAT16 = 1, DTYPE_FLOAT16 = 2;
+constexpr int DTYPE_FLOAT32 = 0, DTYPE_BFLOAT16 = 1, DTYPE_FLOAT16 = 2, DTYPE_UINT8 = 3;
 
 // A bucket as one int: param | grad << 2 | state << 4 | shadow << 6 | stochastic << 7. param is the
 // dtype of the tensor the update reads and writes (the fp32 master when there is one), grad that

@@ -35,6 +35,8 @@ inline std::string describe_bucket(int64_t code) {
         return "bfloat16";
       case DTYPE_FLOAT16:
         return "float16";
+      case DTYPE_UINT8:
+        return "uint8 (8-bit, an absmax per 256)";
       default:
         return "dtype code " + std::to_string(d);
     }
@@ -56,6 +58,8 @@ inline at::ScalarType scalar_type(int64_t dtype_code) {
       return at::kBFloat16;
     case DTYPE_FLOAT16:
       return at::kHalf;
+    case DTYPE_UINT8:
+      return at::kByte;
     default:
       return at::kFloat;
   }
@@ -259,9 +263,14 @@ struct StepArgs {
                      shadows_at, "params after the first n_tensors", row[T_SHADOW], grad);
       }
       const unsigned used = used_states(hyper.data_ptr<double>() + row[T_GROUP] * HYPER_WIDTH);
+      const bool eight_bit = ((code >> BUCKET_STATE_SHIFT) & 3) == DTYPE_UINT8;
       for (int k = 0; k < 3; ++k) {
         if ((used >> k) & 1) {
           check_listed(i, code, "state slot", k, states_at, "states", row[T_S0 + k], state);
+          if (eight_bit) {
+            check_listed(i, code, "8-bit absmaxes of state slot", k, states_at, "states",
+                         row[T_A0 + k], at::kFloat, (row[T_NUMEL] + QBLOCK - 1) / QBLOCK);
+          }
         }
       }
     }
@@ -277,8 +286,8 @@ struct StepArgs {
     TORCH_CHECK(params.size() >= n && params.size() <= 2 * n,
                 "fusedopt: params must hold the ", n, " updated parameters (one per row of "
                 "tmeta), then at most one model parameter per master; got ", params.size());
-    TORCH_CHECK(states.size() <= 3 * n, "fusedopt: states holds ", states.size(),
-                " tensors, more than three per row of tmeta (", n, ")");
+    TORCH_CHECK(states.size() <= 6 * n, "fusedopt: states holds ", states.size(),
+                " tensors, more than three per row of tmeta (", n, "), each with its absmaxes");
     const struct {
       const char* name;
       at::TensorList list;
@@ -328,11 +337,12 @@ struct StepArgs {
 
   // Tensor i's `what` (at address addr; slot k if k >= 0) must be a tensor of `list` with i's
   // numel and `dtype`.
+  // (numel >= 0: that many elements instead: an 8-bit state's absmaxes, one per QBLOCK)
   void check_listed(int64_t i, int64_t code, const char* what, int64_t k,
                     step_args_detail::ListedTensors& listed, const char* list, int64_t addr,
-                    at::ScalarType dtype) const {
+                    at::ScalarType dtype, int64_t numel = -1) const {
     const at::Tensor* t = listed.find(addr);
-    const int64_t numel = tmeta.data_ptr<int64_t>()[i * TMETA_WIDTH + T_NUMEL];
+    if (numel < 0) numel = tmeta.data_ptr<int64_t>()[i * TMETA_WIDTH + T_NUMEL];
     TORCH_CHECK(t != nullptr && t->numel() == numel, "fusedopt: tmeta row ", i, ": ",
                 name(what, k, false), " at 0x", std::hex, addr, std::dec,
                 " is not a tensor of ", list, " with ", numel, " elements");

@@ -18,6 +18,8 @@ namespace fusedopt {
 struct Adam {
   static constexpr int kId = OPT_ADAM;
   static constexpr int kSeed = adam_scal::seed;
+  // 8-bit state: the slots quantized with the signed map (exp_avg); the others, unsigned
+  static constexpr unsigned kSignedSlots = 0b001u;
   // Args::on bits; a bit below 3 is the option that uses that state slot.
   static constexpr unsigned kAmsgrad = 1u << 2, kL2 = 1u << 3;
   static constexpr unsigned kAlways = 0b011u;  // the slots every tensor uses

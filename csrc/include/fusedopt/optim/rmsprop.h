@@ -19,6 +19,9 @@ namespace fusedopt {
 struct Rmsprop {
   static constexpr int kId = OPT_RMSPROP;
   static constexpr int kSeed = rmsprop_scal::seed;
+  // 8-bit state: the slots quantized with the signed map (momentum_buffer, grad_avg); the
+  // others (square_avg), unsigned
+  static constexpr unsigned kSignedSlots = 0b110u;
   // Args::on bits; a bit below 3 is the option that uses that state slot.
   static constexpr unsigned kMomentum = 1u << 1, kCentered = 1u << 2, kL2 = 1u << 3;
   static constexpr unsigned kAlways = 0b001u;

@@ -21,6 +21,8 @@ namespace fusedopt {
 struct Sgd {
   static constexpr int kId = OPT_SGD;
   static constexpr int kSeed = sgd_scal::seed;
+  // 8-bit state: the slots quantized with the signed map (momentum_buffer); the others, unsigned
+  static constexpr unsigned kSignedSlots = 0b001u;
   // Args::on bits; bit 0 is the option that uses state slot 0.
   static constexpr unsigned kMomentum = 1u << 0, kNesterov = 1u << 3, kL2 = 1u << 4,
                             kFirst = 1u << 5;
