@@ -23,12 +23,12 @@ CUDA_DIR = ROOT / "csrc" / "cuda"
 SOURCES = sorted(CUDA_DIR.glob("*.cu"))
 ARCHS = ("80", "90")
 # Kernels per arch. update.cu: per optimizer its prologue's two kernels. update_<optimizer>.cu: a
-# main kernel for each bucket with kernels (11: csrc/cuda/multi_tensor.cuh's SupportedBuckets, the
+# main kernel for each bucket with kernels (15: csrc/cuda/multi_tensor.cuh's SupportedBuckets, the
 # (param, grad, state) dtypes with the shadow and stochastic rounding) x each set of the state
 # slots its options use (adam: the AMSGrad maximum, 2; rmsprop: momentum and centered, 4; sgd:
 # momentum, 2) x GradScaler's unscaling (HAS_SCALE, 2). sumsq.cu: the clipping pre-pass for the 3
 # grad dtypes and the clipping reduction's first stage.
-N_BUCKETS = 11
+N_BUCKETS = 15  # 11, and the 4 with 8-bit state
 KERNELS_PER_ARCH = {
     "update.cu": 3 * 2,
     "update_adam.cu": N_BUCKETS * 2 * 2,
@@ -166,7 +166,12 @@ def test_main_kernels_use_128_bit_accesses_at_sm90(compiled):
             if "main_kernel" in name or "sumsq" in name:
                 seen += 1
                 assert acc["128"] > 0, f"{name}: no 128-bit access: {dict(acc)}"
-            if "main_kernel" in name:
+            if "main_kernel_8bit" in name:
+                # 8-bit state (update_kernels.cuh): a lane holds 8 elements' codes, parameters
+                # and grads through the update, then the absmax shuffles; 40-106 at 6324db7+1
+                # under __launch_bounds__(256, 1) (capped at 64-80, ptxas spilled 8-24 bytes)
+                assert regs <= 112, (name, regs)
+            elif "main_kernel" in name:
                 assert regs <= 72, (name, regs)  # 32-66 when written (kernel_report)
                 kernel, rest = name.split("Bucket<", 1)
                 bucket, flags = rest.split(">", 1)
@@ -178,7 +183,9 @@ def test_main_kernels_use_128_bit_accesses_at_sm90(compiled):
     # the widest dtype (before), a bf16 array beside fp32 ones moved 8 bytes: 10-18 against 6-8.
     assert wide
     for (kernel, bucket, flags), n in wide.items():
-        fp32 = wide[kernel, "f32, f32, f32, false", flags]
+        # (the 8-bit kernels: against their own fp32-parameter bucket)
+        state = "unsigned char" if "8bit" in kernel else "f32"
+        fp32 = wide[kernel, f"f32, f32, {state}, false", flags]
         assert n <= fp32 + 1, f"{kernel}<{bucket}>{flags}: {n} 64-bit accesses, fp32 {fp32}"
 
 

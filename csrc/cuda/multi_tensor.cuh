@@ -150,6 +150,10 @@ template <>
 constexpr int dtype_code<__half>() {
   return DTYPE_FLOAT16;
 }
+template <>
+constexpr int dtype_code<uint8_t>() {  // 8-bit state: codes (update_kernels.cuh's main_kernel_8bit)
+  return DTYPE_UINT8;
+}
 
 // layout.h's bucket code (fusedopt/_layout.py's bucket_code).
 constexpr int bucket_code(int param, int grad, int state, bool shadow, bool stochastic) {
@@ -194,7 +198,10 @@ using SupportedBuckets = std::tuple<
     Bucket<f32, f32, bf16>, Bucket<f32, f32, f16>,                           // low-precision state
     Bucket<f32, bf16, f32>, Bucket<f32, f16, f32>, Bucket<f32, bf16, bf16>,  // fp32 master
     Bucket<bf16, bf16, f32>,                                                 // fp32 state
-    Bucket<bf16, bf16, bf16, true>, Bucket<bf16, bf16, f32, true>>;          // stochastic
+    Bucket<bf16, bf16, bf16, true>, Bucket<bf16, bf16, f32, true>,           // stochastic
+    // 8-bit state (csrc/cpu/multi_tensor.h's U8 buckets, the same four)
+    Bucket<f32, f32, uint8_t>, Bucket<f32, bf16, uint8_t>, Bucket<bf16, bf16, uint8_t>,
+    Bucket<bf16, bf16, uint8_t, true>>;
 
 template <typename... B>
 constexpr bool distinct_codes(std::tuple<B...>*) {

@@ -17,6 +17,7 @@
 #include <utility>
 
 #include "fusedopt/optim/all.h"
+#include "fusedopt/quant8.h"
 #include "multi_tensor.cuh"
 #include "update_pass.h"
 
@@ -103,12 +104,181 @@ __global__ void __launch_bounds__(kBlock)
   for_each_in_chunk<VEC>(op, start, end, vector);
 }
 
+// ---- 8-bit state (B::State is uint8_t: fusedopt/quant8.h) ------------------------------------
+//
+// One warp per QBLOCK (256 elements), 8 consecutive elements per lane: the update reads each
+// used slot's values dequantized from the lane's codes (8 bytes in two registers) and the block's
+// absmax, runs as on float32 state (8 elements at once where every array is aligned for it, else
+// one at a time) and leaves its new state values in shared memory (registers for 3 x 8 of them
+// spilled: ptxas); then the warp reduces each slot's new absmax with shuffles, lane 0 stores it,
+// and each lane quantizes and stores its codes (one 8-byte access for a whole group of 8). The
+// maps are staged in shared memory too: the nearest-code search reads 10 entries per element, at
+// data-dependent indices.
+constexpr int kLaneElems = QBLOCK / 32;
+
+// The per-block shared memory: the two maps, and the new state values of every thread,
+// [slot][element of the lane's group][thread] (consecutive threads, consecutive banks).
+struct QuantShared {
+  float maps[2][QBLOCK];  // [0] signed, [1] unsigned
+  float res[3][kLaneElems][kBlock];
+};
+
+// Byte e (0-7) of 8 codes held in a uint2: shifts, so that a runtime e needs no local array.
+__device__ __forceinline__ unsigned code_at(uint2 w, int e) {
+  return ((e < 4 ? w.x : w.y) >> (8 * (e & 3))) & 0xFFu;
+}
+
+// element_math.h's interface over elements [e, e + N) of a lane's group of 8 at element i0:
+// parameter and grad from memory, states dequantized from the lane's codes, results to shared.
+template <typename B, bool HAS_SCALE, int N_>
+struct QuantIo {
+  static constexpr int N = N_;
+  const ParamOut<B>& out;
+  typename B::Grad* g;
+  const GradIn<HAS_SCALE>& grad_in;
+  int64_t i;  // the first element, i0 + e
+  const uint2 (&codes)[3];  // the lane's 8 codes of each slot, byte e of .x/.y
+  const float (&absmax)[3];
+  const float* const (&maps)[3];
+  QuantShared& shared;
+  int e;
+
+  __device__ __forceinline__ void param(float (&x)[N]) const { cuda::load(out.p + i, x); }
+  __device__ __forceinline__ void grad(float (&x)[N]) const {
+    cuda::load(g + i, x);
+    grad_in.apply(g + i, x);
+  }
+  template <int K>
+  __device__ __forceinline__ void load(float (&x)[N]) const {
+#pragma unroll
+    for (int k = 0; k < N; ++k) x[k] = maps[K][code_at(codes[K], e + k)] * absmax[K];
+  }
+  template <int K>
+  __device__ __forceinline__ void store(const float (&x)[N]) const {
+#pragma unroll
+    for (int k = 0; k < N; ++k) shared.res[K][e + k][threadIdx.x] = x[k];
+  }
+  __device__ __forceinline__ void store_param(const float (&x)[N]) const { out.write(i, x); }
+};
+
+template <class Opt, typename B, unsigned ON, bool HAS_SCALE>
+__global__ void __launch_bounds__(kBlock, 1)
+    main_kernel_8bit(const int64_t* __restrict__ tmeta, const int64_t* __restrict__ grads,
+                     const float* __restrict__ scal, const int64_t* __restrict__ chunks,
+                     int64_t chunk_size, const float* __restrict__ grad_scale,
+                     const float* __restrict__ found_inf, const float* __restrict__ clip) {
+  using G = typename B::Grad;
+  static_assert(kBlock % 32 == 0 && QBLOCK == 32 * kLaneElems, "a warp per block of codes");
+  if (step_skipped(found_inf)) return;
+  __shared__ QuantShared shared;
+  for (int k = threadIdx.x; k < QBLOCK; k += blockDim.x) {
+    shared.maps[0][k] = q8::kSignedMap[k];
+    shared.maps[1][k] = q8::kUnsignedMap[k];
+  }
+  __syncthreads();
+  const int64_t chunk = blockIdx.x;
+  const int64_t t = chunks[2 * chunk];
+  const int64_t start = chunks[2 * chunk + 1];  // a multiple of chunk_size, and so of QBLOCK
+  const int64_t* row = tmeta + t * TMETA_WIDTH;
+  const float* s = scal + t * SCAL_WIDTH;
+  const ParamOut<B> out = ParamOut<B>::read(row, t, s + Opt::kSeed);
+  G* g = ptr_at<G>(grads[t]);
+  const GradIn<HAS_SCALE> grad_in = GradIn<HAS_SCALE>::read(grad_scale, clip);
+  const typename Opt::Args args(s);
+  const unsigned used = Opt::kAlways | (args.on & ON & 0b111u);
+  const float* const maps[3] = {shared.maps[(Opt::kSignedSlots >> 0) & 1u ? 0 : 1],
+                                shared.maps[(Opt::kSignedSlots >> 1) & 1u ? 0 : 1],
+                                shared.maps[(Opt::kSignedSlots >> 2) & 1u ? 0 : 1]};
+  const bool vector = out.template aligned<kLaneElems>() && aligned_for<kLaneElems, G>(g);
+  bool codes_aligned = true;  // 8-byte code accesses (fusedopt's own tensors always are)
+#pragma unroll
+  for (int k = 0; k < 3; ++k) {
+    if ((used >> k) & 1u) codes_aligned &= aligned_for<kLaneElems, uint8_t>(ptr_at<uint8_t>(row[T_S0 + k]));
+  }
+  const int64_t end = min(start + chunk_size, row[T_NUMEL]);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+#pragma unroll 1
+  for (int64_t b0 = start + int64_t{warp} * QBLOCK; b0 < end; b0 += int64_t{kBlock / 32} * QBLOCK) {
+    const int64_t i0 = b0 + lane * kLaneElems;
+    const int64_t left = end - i0;
+    const int n = left <= 0 ? 0 : (left >= kLaneElems ? kLaneElems : static_cast<int>(left));
+    const int64_t block = b0 / QBLOCK;
+    uint2 codes[3] = {};
+    float absmax[3] = {0.0f, 0.0f, 0.0f};
+#pragma unroll
+    for (int k = 0; k < 3; ++k) {
+      if (!((used >> k) & 1u)) continue;
+      const uint8_t* c = ptr_at<uint8_t>(row[T_S0 + k]);
+      absmax[k] = ptr_at<float>(row[T_A0 + k])[block];
+      if (n == kLaneElems && codes_aligned) {
+        codes[k] = __ldca(reinterpret_cast<const uint2*>(c + i0));  // i0: a multiple of 8
+      } else {
+#pragma unroll 1
+        for (int e = 0; e < n; ++e) {
+          const unsigned b = static_cast<unsigned>(c[i0 + e]) << (8 * (e & 3));
+          if (e < 4) codes[k].x |= b;
+          else codes[k].y |= b;
+        }
+      }
+    }
+    if (n == kLaneElems && vector) {
+      Opt::template update<ON>(args, QuantIo<B, HAS_SCALE, kLaneElems>{
+                                         out, g, grad_in, i0, codes, absmax, maps, shared, 0});
+    } else {
+#pragma unroll 1
+      for (int e = 0; e < n; ++e) {
+        Opt::template update<ON>(
+            args, QuantIo<B, HAS_SCALE, 1>{out, g, grad_in, i0 + e, codes, absmax, maps, shared, e});
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < 3; ++k) {
+      if (!((used >> k) & 1u)) continue;
+      float m = 0.0f;
+#pragma unroll
+      for (int e = 0; e < kLaneElems; ++e) {
+        if (e < n) m = q8::absmax_step(m, shared.res[k][e][threadIdx.x]);
+      }
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) {
+        m = q8::absmax_step(m, __shfl_xor_sync(0xFFFFFFFFu, m, off));
+      }
+      if (lane == 0) ptr_at<float>(row[T_A0 + k])[block] = m;
+      const float d = q8::divisor(m);
+      uint8_t* dst = ptr_at<uint8_t>(row[T_S0 + k]);
+      if (n == kLaneElems && codes_aligned) {
+        uint2 c = {0u, 0u};
+#pragma unroll
+        for (int e = 0; e < kLaneElems; ++e) {
+          const unsigned q = q8::nearest(__fdiv_rn(shared.res[k][e][threadIdx.x], d), maps[k]);
+          if (e < 4) c.x |= q << (8 * e);
+          else c.y |= q << (8 * (e - 4));
+        }
+        __stwb(reinterpret_cast<uint2*>(dst + i0), c);
+      } else {
+#pragma unroll 1
+        for (int e = 0; e < n; ++e) {
+          dst[i0 + e] = q8::nearest(__fdiv_rn(shared.res[k][e][threadIdx.x], d), maps[k]);
+        }
+      }
+    }
+  }
+}
+
 template <class Opt, typename B, unsigned SLOTS>
 cudaError_t launch_variant(const MainArgs& a, cudaStream_t stream) {
   constexpr unsigned ON = compiled_options<Opt>(SLOTS);
   const dim3 grid(static_cast<unsigned>(a.n_chunks));
-  const auto kernel = a.grad_scale != nullptr ? main_kernel<Opt, B, ON, true>
-                                              : main_kernel<Opt, B, ON, false>;
+  constexpr bool kEightBit = std::is_same<typename B::State, uint8_t>::value;
+  const auto kernel = [&] {
+    if constexpr (kEightBit) {
+      return a.grad_scale != nullptr ? main_kernel_8bit<Opt, B, ON, true>
+                                     : main_kernel_8bit<Opt, B, ON, false>;
+    } else {
+      return a.grad_scale != nullptr ? main_kernel<Opt, B, ON, true>
+                                     : main_kernel<Opt, B, ON, false>;
+    }
+  }();
   kernel<<<grid, kBlock, 0, stream>>>(a.tmeta, a.grads, a.scal, a.chunks, a.chunk_size,
                                       a.grad_scale, a.found_inf, a.clip);
   return cudaGetLastError();

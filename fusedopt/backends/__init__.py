@@ -59,7 +59,8 @@ def select(request, device, buckets=()):
         return request
     for name in PREFERENCE.get(torch.device(device).type, _DEFAULT_PREFERENCE):
         backend = BACKENDS[name]
-        if unavailable(name, device) is None and all(backend.supports(b) for b in buckets):
+        supports = getattr(backend, "auto_supports", backend.supports)
+        if unavailable(name, device) is None and all(supports(b) for b in buckets):
             return name
     return "torch"
 

@@ -73,7 +73,7 @@ NATIVE_BUCKETS = _native_buckets()
 
 # The 8-bit state buckets (uint8 codes; csrc/cpu/multi_tensor.h's with_bucket), as (param, grad,
 # shadow, stochastic): fp32 parameters, fp32 masters of bf16 parameters, bf16 parameters (rounded
-# to nearest or stochastically). The CPU kernels have them; the CUDA ones not yet.
+# to nearest or stochastically), on CPU and CUDA (NativeBackend.auto_supports: not yet by "auto").
 EIGHT_BIT_BUCKETS = frozenset(
     L.bucket_code(Bucket(param, grad, torch.uint8, shadow, stochastic))
     for param, grad, shadow, stochastic in (
@@ -155,8 +155,14 @@ class NativeBackend:
         """The (param, grad, state dtypes, shadow, stochastic) combinations csrc/ has kernels
         for (csrc/cuda/multi_tensor.cuh's SupportedBuckets, the CPU dispatch likewise)."""
         if bucket.eight_bit:
-            return self.name == "cpu" and L.bucket_code(bucket) in EIGHT_BIT_BUCKETS
+            return L.bucket_code(bucket) in EIGHT_BIT_BUCKETS
         return L.bucket_code(bucket) in NATIVE_BUCKETS
+
+    def auto_supports(self, bucket):
+        """Whether ``backend="auto"`` may pick this backend for ``bucket``: the CUDA kernels for
+        8-bit state compile (tests/test_cuda_compile.py) but have not yet run on a GPU, so they
+        run only when asked for by name (backend="cuda"); "auto" takes Triton's for them."""
+        return self.supports(bucket) and not (self.name == "cuda" and bucket.eight_bit)
 
     def unavailable(self, device):
         if device.type != self.name:
