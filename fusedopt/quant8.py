@@ -76,7 +76,10 @@ def nearest_code(normed, code):
     float32 distance; a tie takes the lower one (as bitsandbytes' CPU kernel does)."""
     low = (torch.bucketize(normed, code, right=True) - 1).clamp(0, code.numel() - 2)
     left, right = code[low], code[low + 1]
-    return low + ((normed - right).abs() < (normed - left).abs()).to(low.dtype)
+    nearest = low + ((normed - right).abs() < (normed - left).abs()).to(low.dtype)
+    # NaN (a block with a NaN has a NaN absmax, so every value of it reads back NaN): code 0,
+    # as the kernels' search gives it
+    return torch.where(normed != normed, 0, nearest)
 
 
 def quantize_blockwise(x, code, block=BLOCK):

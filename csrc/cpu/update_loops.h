@@ -3,11 +3,15 @@
 // it: one optimizer's loops per translation unit. Torch-free.
 #pragma once
 #include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
 #include <type_traits>
 #include <utility>
 
 #include "fusedopt/optim/all.h"
 #include "fusedopt/quant8.h"
+#include "quant8_cpu.h"
 #include "kernels.h"
 #include "multi_tensor.h"
 #include "update_pass.h"
@@ -79,8 +83,11 @@ inline void update_run_8bit(typename K::PT* __restrict__ p, typename K::GT* __re
   constexpr unsigned used = Opt::kAlways | (ON & 0b111u);
   a.on = ON;
   const float* maps[3];
+  const q8fast::Tables* tables[3];
   for (int k = 0; k < 3; ++k) {
-    maps[k] = (Opt::kSignedSlots >> k) & 1u ? q8::kSignedMap : q8::kUnsignedMap;
+    const bool is_signed = (Opt::kSignedSlots >> k) & 1u;
+    maps[k] = is_signed ? q8::kSignedMap : q8::kUnsignedMap;
+    tables[k] = &q8fast::tables(is_signed);
   }
   float in[3][QBLOCK], out[3][QBLOCK];
   for (int64_t b0 = begin; b0 < end; b0 += QBLOCK) {
@@ -107,12 +114,35 @@ inline void update_run_8bit(typename K::PT* __restrict__ p, typename K::GT* __re
     }
     for (int k = 0; k < 3; ++k) {
       if (!((used >> k) & 1u)) continue;
+      // The block's absmax: 16 running maxima and NaN flags (q8::absmax_step's one running
+      // maximum is a loop-carried select the compilers keep scalar), a partial block padded
+      // with zeros.
+      float* __restrict__ values = out[k];
+      for (int i = n; i < QBLOCK; ++i) values[i] = 0.0f;
+      float lanes[16] = {};
+      int nan[16] = {};
+      for (int j = 0; j < QBLOCK; j += 16) {
+        for (int l = 0; l < 16; ++l) {
+          const float a = std::fabs(values[j + l]);
+          lanes[l] = a > lanes[l] ? a : lanes[l];
+          nan[l] |= a != a;
+        }
+      }
       float m = 0.0f;
-      for (int i = 0; i < n; ++i) m = q8::absmax_step(m, out[k][i]);
+      int any_nan = 0;
+      for (int l = 0; l < 16; ++l) {
+        m = lanes[l] > m ? lanes[l] : m;
+        any_nan |= nan[l];
+      }
+      if (any_nan) m = std::numeric_limits<float>::quiet_NaN();
       absmax[k][block] = m;
       const float d = q8::divisor(m);
-      uint8_t* c = codes[k] + b0;
-      for (int i = 0; i < n; ++i) c[i] = q8::nearest(out[k][i] / d, maps[k]);
+      // into a local array, then copied: stores through codes[k] could alias the map and the
+      // table as far as the compiler knows, and kept the loop scalar
+      const q8fast::Tables& table = *tables[k];
+      uint8_t q[QBLOCK];
+      for (int i = 0; i < QBLOCK; ++i) q[i] = q8fast::nearest(values[i] / d, table);
+      std::memcpy(codes[k] + b0, q, static_cast<size_t>(n));
     }
   }
 }
