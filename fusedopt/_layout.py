@@ -121,6 +121,9 @@ class Bucket(NamedTuple):
     state: object
     shadow: bool
     stochastic: bool
+    # a compressed master (master_weights="int8"/"int16"): the bits of the error term kept beside
+    # the bf16 parameter (fusedopt/quant8.py's master_scale), 0 without
+    error: int = 0
 
     @property
     def eight_bit(self):
@@ -131,6 +134,9 @@ class Bucket(NamedTuple):
 # A bucket as the native kernels receive it, one int:
 # param | grad << 2 | state << 4 | shadow << 6 | stochastic << 7 (dtype codes above).
 BUCKET_GRAD_SHIFT, BUCKET_STATE_SHIFT, BUCKET_SHADOW_BIT, BUCKET_STOCHASTIC_BIT = 2, 4, 6, 7
+# | error << 8: a compressed master's error term, 1 int8, 2 int16 (0: none)
+BUCKET_ERROR_SHIFT = 8
+ERROR_CODES = {0: 0, 8: 1, 16: 2}
 
 
 def bucket_code(bucket):
@@ -143,4 +149,5 @@ def bucket_code(bucket):
         | code(bucket.state) << BUCKET_STATE_SHIFT
         | int(bucket.shadow) << BUCKET_SHADOW_BIT
         | int(bucket.stochastic) << BUCKET_STOCHASTIC_BIT
+        | ERROR_CODES[bucket.error] << BUCKET_ERROR_SHIFT
     )

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.distributed.tensor import DTensor
 
-from . import _amp, _plan, backends, quant8
+from . import _amp, _master, _plan, backends, quant8
 from ._layout import LR_FLOAT, LR_NOAM, LR_SCHEDULE, LR_TENSOR, Bucket
 from .schedule import Noam, Schedule
 
@@ -37,6 +37,8 @@ class Slot:
     # 8-bit states (bucket.state uint8): per slot, the float32 absmax per block of 256 (None
     # where the slot is unused); ``states`` then holds the uint8 codes
     absmax: tuple = None
+    # a compressed master (bucket.error): the int8/int16 error term beside the bf16 ``param``
+    error: torch.Tensor = None
 
     @property
     def stochastic(self):
@@ -100,12 +102,18 @@ def _state_dtype(group, p):
     return torch.float32 if group["master_weights"] and p.dtype != torch.float32 else p.dtype
 
 
+# master_weights: True keeps an fp32 copy; "int8" / "int16" keep the bf16 parameter's rounding
+# error instead (fusedopt/quant8.py's master error term), in that many bits
+COMPRESSED_MASTERS = {"int8": 8, "int16": 16}
+
+
 def _bucket_of(p, group):
     """The Bucket parameter ``p`` of ``group`` falls in."""
-    master = bool(group["master_weights"]) and p.dtype != torch.float32
+    error = COMPRESSED_MASTERS.get(group["master_weights"], 0) if p.dtype == torch.bfloat16 else 0
+    master = bool(group["master_weights"]) and p.dtype != torch.float32 and not error
     param = torch.float32 if master else p.dtype
     stochastic = bool(group["stochastic_rounding"]) and param == torch.bfloat16
-    return Bucket(param, p.dtype, _state_dtype(group, p), master, stochastic)
+    return Bucket(param, p.dtype, _state_dtype(group, p), master, stochastic, error)
 
 
 def _local(t):
@@ -161,6 +169,29 @@ def _ensure_state(st, name, p, dtype):
         st[name], st[scale] = quant8.quantize_state(value, p, name)
     else:
         st[name] = _to_param_layout(value, p, dtype)
+
+
+def _ensure_master_error(st, p, bits):
+    """``p``'s compressed-master error term of ``bits`` bits: created (0: the master is the bf16
+    parameter) or converted from an fp32 master or an error term of the other width."""
+    error = st.get(_master.STATE_KEY)
+    dtype = _master.ERROR_DTYPES[bits]
+    if error is not None and error.dtype == dtype:
+        return error
+    if error is not None:
+        value = _master.reconstruct(p.detach(), error)
+    elif "master_param" in st:
+        value = st.pop("master_param")
+    else:
+        value = None
+    if value is None:
+        error = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+    else:
+        b, e = _master.split(_to_param_layout(value, p, torch.float32), bits)
+        p.detach().copy_(b)  # the parameter is the master rounded to bf16, as it was
+        error = _to_param_layout(e, p, dtype)
+    st[_master.STATE_KEY] = error
+    return error
 
 
 def _loaded_state(st, name, p, dtype):
@@ -365,7 +396,13 @@ class FusedOptimizer(torch.optim.Optimizer):
                 owners[key] = (p, merged)
         step_key = {"step"} if self._step_in_state else set()
         names = [n for n in self._state_names if n]
-        allowed = {*step_key, "master_param", *names, *map(quant8.absmax_name, names)}
+        allowed = {
+            *step_key,
+            "master_param",
+            _master.STATE_KEY,
+            *names,
+            *map(quant8.absmax_name, names),
+        }
         for key, st in state_dict["state"].items():
             if key not in owners:
                 continue
@@ -399,6 +436,12 @@ class FusedOptimizer(torch.optim.Optimizer):
                             else f"the parameter {tuple(p.shape)}"
                         )
                     )
+            error = st.get(_master.STATE_KEY)
+            if error is not None and error.dtype not in _master.ERROR_DTYPES.values():
+                raise ValueError(
+                    f"fusedopt.{name}: state '{_master.STATE_KEY}' of parameter {key} is "
+                    f"{error.dtype}; a compressed master's error term is int8 or int16"
+                )
             for n in names:
                 codes, scale = st.get(n), st.get(quant8.absmax_name(n))
                 if scale is not None and codes is None:
@@ -507,6 +550,9 @@ class FusedOptimizer(torch.optim.Optimizer):
                         _loaded_state(st, name, p, _state_dtype(group, p))
                 if "master_param" in st:
                     st["master_param"] = _to_param_layout(st["master_param"], p, torch.float32)
+                if _master.STATE_KEY in st:
+                    error = st[_master.STATE_KEY]
+                    st[_master.STATE_KEY] = _to_param_layout(error, p, error.dtype)
 
     def __getstate__(self):
         # torch.optim pickles (and deepcopies) defaults, state and param_groups only: fusedopt's
@@ -587,6 +633,12 @@ class FusedOptimizer(torch.optim.Optimizer):
                     )
                 if lp.numel():
                     storages.setdefault(lp.untyped_storage().data_ptr(), []).append(lp)
+                if group["master_weights"] in COMPRESSED_MASTERS and p.dtype != torch.bfloat16:
+                    raise ValueError(
+                        f"fusedopt.{name}: master_weights={group['master_weights']!r} keeps the "
+                        "error of bf16 parameters; this one is "
+                        f"{p.dtype} (shape {tuple(p.shape)}). Use master_weights=True for it."
+                    )
                 if group["state_dtype"] == torch.uint8 and isinstance(p, DTensor):
                     raise NotImplementedError(
                         f"fusedopt.{name}: state_dtype=torch.uint8 does not support DTensor "
@@ -645,7 +697,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             group = self.param_groups[gi]
             needs = self._needed(group)
             # no entry for a parameter without state (fusedopt.SGD, no momentum: as torch's)
-            st = self.state[p] if self._step_in_state or any(needs) or bucket.shadow else {}
+            keeps = bucket.shadow or bucket.error
+            st = self.state[p] if self._step_in_state or any(needs) or keeps else {}
             step = self._step_of(p)
             if step is None:
                 step = torch.zeros((), dtype=torch.float32, device=p.device)
@@ -663,14 +716,21 @@ class FusedOptimizer(torch.optim.Optimizer):
             target, shadow = lp, None
             if bucket.shadow:
                 if "master_param" not in st:
-                    st["master_param"] = _to_param_layout(p, p, torch.float32)
+                    if _master.STATE_KEY in st:  # was compressed: the same master, uncompressed
+                        value = _master.reconstruct(p.detach(), st.pop(_master.STATE_KEY))
+                    else:
+                        value = p
+                    st["master_param"] = _to_param_layout(value, p, torch.float32)
                 target, shadow = _local(st["master_param"]), lp
+            error = None
+            if bucket.error:
+                error = _ensure_master_error(st, p, bucket.error)
             if g.stride() != lp.stride() and lp.numel() > 1:
                 copy = _to_param_layout(g, lp)  # a read-only input, except for GradScaler's
                 work.grad_copies.append((g, copy))  # unscaled write-back: copied back after
                 g = copy
             states = tuple(None if t is None else _local(t) for t in states)
-            slot = Slot(gi, target, g, step, states, bucket, shadow, p)
+            slot = Slot(gi, target, g, step, states, bucket, shadow, p, error=error)
             if bucket.eight_bit:
                 slot.absmax = tuple(absmax)
             slots.append(slot)
@@ -743,6 +803,12 @@ def _check_precision(group):
     size = group["min_8bit_size"]
     if isinstance(size, bool) or not isinstance(size, int) or size < 0:
         raise ValueError(f"Invalid min_8bit_size: {size!r} (an int >= 0)")
+    master = group["master_weights"]
+    if not (isinstance(master, bool) or master in COMPRESSED_MASTERS):
+        raise ValueError(
+            f"Invalid master_weights: {master!r} (True: an fp32 copy; 'int16' or 'int8': the bf16 "
+            "parameter plus a 16- or 8-bit error term; False)"
+        )
     if group["stochastic_rounding"] and group["master_weights"]:
         raise ValueError(
             "stochastic_rounding rounds bf16 parameters that have no fp32 master copy; with "

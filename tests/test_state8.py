@@ -628,7 +628,7 @@ def test_with_schedule_clipping_master_and_groups():
 # --------------------------------------------------------------------------- training
 
 
-def _train_transformer(make_opt, steps=300, seed=0):
+def _train_transformer(make_opt, steps=300, seed=0, dtype=torch.float32):
     """A 2-layer causal transformer (d_model 64, 4 heads, 120k parameters: attention and
     feed-forward matrices of 4096-12288 elements take 8-bit state, embeddings, biases and norms
     fp32) learning to repeat the token 3 positions back; the mean loss of the last 20 steps."""
@@ -638,13 +638,15 @@ def _train_transformer(make_opt, steps=300, seed=0):
     emb = torch.nn.Embedding(vocab, dim)
     enc = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
     head = torch.nn.Linear(dim, vocab)
+    for module in (emb, enc, head):
+        module.to(dtype)
     data = torch.randint(0, vocab, (steps, batch, seq), generator=torch.Generator().manual_seed(1))
     opt = make_opt([*emb.parameters(), *enc.parameters(), *head.parameters()])
     mask = torch.nn.Transformer.generate_square_subsequent_mask(seq)
     losses = []
     for x in data:
         y = torch.roll(x, delay, dims=1)
-        logits = head(enc(emb(x), mask=mask, is_causal=True))[:, delay:]
+        logits = head(enc(emb(x), mask=mask.to(dtype), is_causal=True))[:, delay:].float()
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), y[:, delay:].flatten())
         opt.zero_grad()
         loss.backward()

@@ -154,6 +154,8 @@ class NativeBackend:
     def supports(self, bucket):
         """The (param, grad, state dtypes, shadow, stochastic) combinations csrc/ has kernels
         for (csrc/cuda/multi_tensor.cuh's SupportedBuckets, the CPU dispatch likewise)."""
+        if bucket.error:
+            return False  # compressed masters: the torch backend's only, so far
         if bucket.eight_bit:
             return L.bucket_code(bucket) in EIGHT_BIT_BUCKETS
         return L.bucket_code(bucket) in NATIVE_BUCKETS

@@ -10,7 +10,7 @@ import dataclasses
 
 import torch
 
-from .. import quant8
+from .. import _master, quant8
 from .._layout import LR_FLOAT, LR_NOAM, LR_SCHEDULE, LR_TENSOR
 
 
@@ -200,20 +200,32 @@ def _sgd(slot, index, h, lr, g, skip):
 _UPDATES = {"adam": _adam, "rmsprop": _rmsprop, "sgd": _sgd}
 
 
-def _update_8bit(update, names, slot, index, h, lr, g, skip):
-    """``update`` on a tensor with 8-bit state (fusedopt/quant8.py): each state is dequantized
-    to float32, updated as any float32 state, then quantized with the absmax of its new values
-    (a step GradScaler skips keeps codes and absmaxes as they were)."""
-    values = tuple(
-        None if codes is None else quant8.dequantize_state(codes, scale, name)
-        for codes, scale, name in zip(slot.states, slot.absmax, names)
-    )
-    update(dataclasses.replace(slot, states=values), index, h, lr, g, skip)
-    for codes, scale, value, name in zip(slot.states, slot.absmax, values, names):
-        if codes is not None:
-            new_codes, new_scale = quant8.quantize_state(value, codes, name)
-            _store(codes, new_codes, skip)
-            _store(scale, new_scale, skip)
+def _update_compressed(update, names, slot, index, h, lr, g, skip):
+    """``update`` on a tensor with 8-bit state (fusedopt/quant8.py) or a compressed master
+    (fusedopt/_master.py), or both: each 8-bit state is dequantized to float32 and the master
+    rebuilt from the bf16 parameter and its error term; the update runs on those as on float32
+    ones; then the states are quantized with the absmax of their new values and the master split
+    into the bf16 parameter and its error term again (a step GradScaler skips keeps everything
+    as it was)."""
+    values, param = slot.states, slot.param
+    if slot.absmax is not None:
+        values = tuple(
+            None if codes is None else quant8.dequantize_state(codes, scale, name)
+            for codes, scale, name in zip(slot.states, slot.absmax, names)
+        )
+    if slot.error is not None:
+        param = _master.reconstruct(slot.param, slot.error)
+    update(dataclasses.replace(slot, states=values, param=param), index, h, lr, g, skip)
+    if slot.absmax is not None:
+        for codes, scale, value, name in zip(slot.states, slot.absmax, values, names):
+            if codes is not None:
+                new_codes, new_scale = quant8.quantize_state(value, codes, name)
+                _store(codes, new_codes, skip)
+                _store(scale, new_scale, skip)
+    if slot.error is not None:
+        b, e = _master.split(param, slot.bucket.error)
+        _store(slot.param, b, skip)
+        _store(slot.error, e, skip)
 
 
 class TorchBackend:
@@ -253,10 +265,10 @@ class TorchBackend:
         update = _UPDATES[opt._op]
         for index, (slot, g) in enumerate(zip(work.slots, grads)):
             h, lr = work.hyper[slot.group], lrs[slot.group]
-            if slot.absmax is None:
+            if slot.absmax is None and slot.error is None:
                 update(slot, index, h, lr, g, skip)
             else:
-                _update_8bit(update, opt._state_names, slot, index, h, lr, g, skip)
+                _update_compressed(update, opt._state_names, slot, index, h, lr, g, skip)
         opt._set_last_lr(work, _lr_buffers(opt, lrs, work.lrs))
         if norm is not None:
             last = opt._last_grad_norm
