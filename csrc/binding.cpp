@@ -54,7 +54,10 @@ void check_args(const fusedopt::StepArgs& a, UsedStates used_states) {
                 "float16 alone; (float32, float32, bfloat16 or float16); with a shadow (an fp32 "
                 "master): (float32, bfloat16, float32), (float32, float16, float32), "
                 "(float32, bfloat16, bfloat16); (bfloat16, bfloat16, float32); with stochastic "
-                "rounding: (bfloat16, bfloat16, bfloat16 or float32)");
+                "rounding: (bfloat16, bfloat16, bfloat16 or float32); 8-bit state (uint8) for "
+                "float32 parameters, fp32 masters of bfloat16 ones, bfloat16 ones (rounded to "
+                "nearest or stochastically); compressed masters (an int8 or int16 error term) of "
+                "bfloat16 parameters with float32 or 8-bit state");
   }
   a.check_contents(used_states);
 }

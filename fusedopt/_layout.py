@@ -22,7 +22,9 @@ LR_FLOAT, LR_TENSOR, LR_NOAM, LR_SCHEDULE = 0, 1, 2, 3
 T_PARAM, T_S0, T_S1, T_S2, T_STEP, T_NUMEL, T_GROUP, T_SHADOW = range(8)
 # 8-bit state (a bucket's state dtype uint8): the float32 absmax per QBLOCK elements of each slot
 T_A0, T_A1, T_A2 = 8, 9, 10
-TMETA_WIDTH = 11
+# a compressed master's error term (int8 or int16: fusedopt/_master.py), 0 without
+T_ERR = 11
+TMETA_WIDTH = 12
 QBLOCK = 256  # fusedopt/quant8.py's BLOCK: every chunk size is a multiple of it
 
 # per group, pointers

@@ -132,6 +132,7 @@ class DeviceTables:
                 s.param.data_ptr(),
                 *map(_addr, s.states),
                 *map(_addr, s.absmax or ()),
+                _addr(s.error),
                 s.step.data_ptr(),
                 _addr(s.shadow),
                 s.param.numel(),
@@ -272,6 +273,7 @@ class DeviceTables:
             row[L.T_SHADOW] = _addr(s.shadow)
             for col, t in zip((L.T_A0, L.T_A1, L.T_A2), s.absmax or ()):
                 row[col] = _addr(t)
+            row[L.T_ERR] = _addr(s.error)
             rows.append(row)
         return torch.tensor(rows, dtype=torch.int64).reshape(len(slots), L.TMETA_WIDTH)
 

@@ -169,13 +169,13 @@ CASES = [
         "adam",
         "tmeta-width",
         _set("tmeta", lambda t: t[:, :7].contiguous()),
-        r"tmeta must be \[n_tensors, 11\]",
+        rf"tmeta must be \[n_tensors, {L.TMETA_WIDTH}\]",
     ),
     (
         "adam",
         "tmeta-1d",
         _set("tmeta", lambda t: t.reshape(-1)),
-        r"tmeta must be \[n_tensors, 11\]",
+        rf"tmeta must be \[n_tensors, {L.TMETA_WIDTH}\]",
     ),
     (
         "adam",
@@ -369,7 +369,7 @@ CASES = [
         "rmsprop",
         "tmeta-width",
         _set("tmeta", lambda t: t[:, :7].contiguous()),
-        r"tmeta must be \[n_tensors, 11\]",
+        rf"tmeta must be \[n_tensors, {L.TMETA_WIDTH}\]",
     ),
     (
         "rmsprop",

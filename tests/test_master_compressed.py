@@ -6,6 +6,7 @@ import io
 
 import pytest
 import torch
+from conftest import backend_device_params, need_backend
 from test_state8 import _train_transformer
 
 import fusedopt
@@ -74,14 +75,19 @@ def _step(opt, params, gs):
     opt.step()
 
 
+@pytest.mark.parametrize("backend,device", backend_device_params(("torch", "cpu")))
 @pytest.mark.parametrize("bits", BITS)
-@pytest.mark.parametrize("extra", [{}, dict(state_dtype=torch.uint8, min_8bit_size=4096)])
-def test_is_the_fp32_master_run_compressed_at_every_step(bits, extra):
-    """The same as an fp32-master run whose master is split into bf16 + error term and rebuilt
-    after every step (the algorithm composed from the fp32 master one), bit for bit: parameters,
-    error terms and states; with 8-bit state too."""
-    opt, ps, grads = _run(f"int{bits}", extra=extra)
-    ref, rps, _ = _run(True, extra=extra)
+@pytest.mark.parametrize(
+    "extra", [{}, dict(state_dtype=torch.uint8, min_8bit_size=4096)], ids=["fp32", "8bit"]
+)
+def test_is_the_fp32_master_run_compressed_at_every_step(backend, device, bits, extra):
+    """The same as an fp32-master run of the same backend whose master is split into bf16 +
+    error term (fusedopt/_master.py) and rebuilt after every step (the algorithm composed from
+    the fp32 master one), bit for bit: parameters, error terms and states; with 8-bit state too.
+    On the cpu backend this also checks csrc/include/fusedopt/master.h against _master.py."""
+    need_backend(backend, device)
+    opt, ps, grads = _run(f"int{bits}", backend=backend, extra=extra)
+    ref, rps, _ = _run(True, backend=backend, extra=extra)
     for gs in grads:
         _step(opt, ps, gs)
         _step(ref, rps, gs)

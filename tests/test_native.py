@@ -148,8 +148,15 @@ def test_cpu_update_loops_are_vectorized():
     for (opt, bucket, clone), c in counts.items():
         if "2" in [x.strip() for x in bucket.split(",")[:3]]:
             continue  # an fp16 array: not vectorized, before the shared headers as after
+        fields = [x.strip() for x in bucket.split(",")]
+        if clone == "arch_x86_64_v3" and fields[-1] in ("8", "16"):
+            # compressed masters (an int8/int16 error term): GCC keeps the AVX2 clone's loop
+            # scalar (the float -> int8/int16 narrowing; measured at 4f0e1c2+1), the AVX-512
+            # one is vectorized and checked
+            continue
         packed = c["fma"] if opt == "Sgd" else c["sqrt"]
         assert packed >= _CPU_LOOPS[opt], f"{opt} {bucket} {clone}: {dict(c)}"
         checked += 1
-    # 3 optimizers, 12 buckets without fp16 (4 of them 8-bit state), 2 ISAs
-    assert checked == 3 * 12 * 2, sorted(counts)
+    # 3 optimizers, 16 buckets without fp16 (4 with 8-bit state, 4 with compressed masters),
+    # 2 ISAs, less the compressed masters' AVX2 clones
+    assert checked == 3 * 16 * 2 - 3 * 4, sorted(counts)

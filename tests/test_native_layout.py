@@ -40,6 +40,8 @@ def test_header_matches_python_layout():
         "T_A1": L.T_A1,
         "T_A2": L.T_A2,
         "QBLOCK": L.QBLOCK,
+        "T_ERR": L.T_ERR,
+        "BUCKET_ERROR_SHIFT": L.BUCKET_ERROR_SHIFT,
         "G_LR_PTR": L.G_LR_PTR,
         "G_COUNTER_PTR": L.G_COUNTER_PTR,
         "GPTR_WIDTH": L.GPTR_WIDTH,

@@ -15,6 +15,7 @@
 
 #include "fusedopt/layout.h"
 #include "fusedopt/element_math.h"
+#include "fusedopt/master.h"
 #include "fusedopt/step_math.h"
 
 namespace fusedopt::cpu {
@@ -92,16 +93,21 @@ static inline void store_bf16_stochastic(uint16_t* p, int64_t i, float x, uint32
 // reads and writes (the fp32 master when there is one), of the grads (and of the model's parameter
 // a master is rounded into: the shadow), of the three state slots; whether the shadow is written;
 // whether the (bf16) parameter is stored with stochastic rounding.
-template <int P, int G, int S, bool SHADOW = false, bool SR = false>
+template <int P, int G, int S, bool SHADOW = false, bool SR = false, int ERR = 0>
 struct Bucket {
+  static_assert(ERR == 0 || (P == DTYPE_BFLOAT16 && G == P && !SHADOW && !SR),
+                "a compressed master's error term: bf16 parameters, no shadow, no SR");
   static_assert(SHADOW ? (P == DTYPE_FLOAT32 && G != DTYPE_FLOAT32) : P == G,
                 "a shadow exactly when an fp32 master is updated for low-precision grads");
   static_assert(!SR || (P == DTYPE_BFLOAT16 && !SHADOW), "stochastic rounding: bf16 parameters");
   static constexpr int param = P, grad = G, state = S;
   static constexpr bool shadow = SHADOW, stochastic = SR;
+  static constexpr int error = ERR;  // the error term's bits (fusedopt/master.h), 0: none
   static constexpr int64_t code = P | G << BUCKET_GRAD_SHIFT | S << BUCKET_STATE_SHIFT |
                                   int64_t{SHADOW} << BUCKET_SHADOW_BIT |
-                                  int64_t{SR} << BUCKET_STOCHASTIC_BIT;
+                                  int64_t{SR} << BUCKET_STOCHASTIC_BIT |
+                                  int64_t{ERR / 8} << BUCKET_ERROR_SHIFT;
+  using ET = std::conditional_t<ERR == 16, int16_t, int8_t>;  // the error term
   using PT = typename Storage<P>::type;  // parameter
   using GT = typename Storage<G>::type;  // grad and shadow
   using ST = typename Storage<S>::type;  // state
@@ -137,6 +143,10 @@ inline bool with_bucket(int64_t code, F&& f) {
     FUSEDOPT_BUCKET(F32, BF16, U8, true)
     FUSEDOPT_BUCKET(BF16, BF16, U8)
     FUSEDOPT_BUCKET(BF16, BF16, U8, false, true)
+    FUSEDOPT_BUCKET(BF16, BF16, F32, false, false, 8)
+    FUSEDOPT_BUCKET(BF16, BF16, F32, false, false, 16)
+    FUSEDOPT_BUCKET(BF16, BF16, U8, false, false, 8)
+    FUSEDOPT_BUCKET(BF16, BF16, U8, false, false, 16)
 #undef FUSEDOPT_BUCKET
     default:
       return false;
@@ -147,10 +157,26 @@ inline bool with_bucket(int64_t code, F&& f) {
 // nearest even; with a master, also rounded to nearest even into the shadow (in the grad dtype).
 template <class K>
 static inline void write_param(typename K::PT* p, typename K::GT* shadow, int64_t i, float x,
-                               uint32_t seed) {
+                               uint32_t seed, typename K::ET* err = nullptr) {
   if constexpr (K::stochastic) store_bf16_stochastic(p, i, x, seed);
   else st<K::param>(p, i, x);
   if constexpr (K::shadow) st<K::grad>(shadow, i, x);
+  if constexpr (K::error != 0) {  // the master's new error term against its bf16 rounding
+    uint32_t bits;  // x rounded to bf16 as store_elem rounds it, without reading p back
+    std::memcpy(&bits, &x, 4);
+    const uint32_t rounded = x != x ? 0x7FC00000u : ((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16) << 16;
+    float b;
+    std::memcpy(&b, &rounded, 4);
+    err[i] = static_cast<typename K::ET>(static_cast<int32_t>(master::error<K::error>(x, b)));
+  }
+}
+
+// The parameter an update reads: with a compressed master, the master it stands for.
+template <class K>
+static inline float read_param(const typename K::PT* p, int64_t i, const typename K::ET* err) {
+  const float b = ld<K::param>(p, i);
+  if constexpr (K::error != 0) return master::rebuild<K::error>(b, static_cast<float>(err[i]));
+  else return b;
 }
 
 // The gradient an update uses (see GradIn): unscaled and written back when UNSCALE, then times

@@ -51,20 +51,20 @@ template <class Opt, class K, unsigned ON, bool UNSCALE>
 inline void update_run(typename K::PT* __restrict__ p, typename K::GT* __restrict__ shadow,
                        typename K::GT* __restrict__ g, typename K::ST* __restrict__ s0,
                        typename K::ST* __restrict__ s1, typename K::ST* __restrict__ s2,
-                       int64_t begin, int64_t end, typename Opt::Args a, float scale, float coef,
-                       uint32_t seed) {
+                       typename K::ET* __restrict__ err, int64_t begin, int64_t end,
+                       typename Opt::Args a, float scale, float coef, uint32_t seed) {
   constexpr int S = K::state;
   constexpr unsigned used = Opt::kAlways | (ON & 0b111u);
   a.on = ON;
   for (int64_t i = begin; i < end; ++i) {
     ElementIo io;
-    io.p = ld<K::param>(p, i);
+    io.p = read_param<K>(p, i, err);
     io.g = grad_at<K::grad, UNSCALE>(g, i, scale, coef);
     if constexpr ((used & 1u) != 0) io.s[0] = ld<S>(s0, i);
     if constexpr ((used & 2u) != 0) io.s[1] = ld<S>(s1, i);
     if constexpr ((used & 4u) != 0) io.s[2] = ld<S>(s2, i);
     Opt::template update<ON>(a, io);
-    write_param<K>(p, shadow, i, io.p_out, seed);
+    write_param<K>(p, shadow, i, io.p_out, seed, err);
     if constexpr ((used & 1u) != 0) st<S>(s0, i, io.s_out[0]);
     if constexpr ((used & 2u) != 0) st<S>(s1, i, io.s_out[1]);
     if constexpr ((used & 4u) != 0) st<S>(s2, i, io.s_out[2]);
@@ -78,7 +78,8 @@ inline void update_run(typename K::PT* __restrict__ p, typename K::GT* __restric
 template <class Opt, class K, unsigned ON, bool UNSCALE>
 inline void update_run_8bit(typename K::PT* __restrict__ p, typename K::GT* __restrict__ shadow,
                             typename K::GT* __restrict__ g, uint8_t* const* codes,
-                            float* const* absmax, int64_t begin, int64_t end,
+                            float* const* absmax, typename K::ET* __restrict__ err,
+                            int64_t begin, int64_t end,
                             typename Opt::Args a, float scale, float coef, uint32_t seed) {
   constexpr unsigned used = Opt::kAlways | (ON & 0b111u);
   a.on = ON;
@@ -101,13 +102,13 @@ inline void update_run_8bit(typename K::PT* __restrict__ p, typename K::GT* __re
     }
     for (int i = 0; i < n; ++i) {
       ElementIo io;
-      io.p = ld<K::param>(p, b0 + i);
+      io.p = read_param<K>(p, b0 + i, err);
       io.g = grad_at<K::grad, UNSCALE>(g, b0 + i, scale, coef);
       for (int k = 0; k < 3; ++k) {
         if ((used >> k) & 1u) io.s[k] = in[k][i];
       }
       Opt::template update<ON>(a, io);
-      write_param<K>(p, shadow, b0 + i, io.p_out, seed);
+      write_param<K>(p, shadow, b0 + i, io.p_out, seed, err);
       for (int k = 0; k < 3; ++k) {
         if ((used >> k) & 1u) out[k][i] = io.s_out[k];
       }
@@ -192,6 +193,7 @@ FUSEDOPT_CPU_TARGETS void update_chunks_typed(unsigned slots, const int64_t* tme
     auto* s0 = addr<K::state>(row[T_S0]);
     auto* s1 = addr<K::state>(row[T_S1]);
     auto* s2 = addr<K::state>(row[T_S2]);
+    auto* err = reinterpret_cast<typename K::ET*>(row[T_ERR]);
     const uint32_t seed = K::stochastic ? stochastic_seed(t, s[Opt::kSeed]) : 0u;
     with_options<Opt>(a.on & compiled, [&](auto on) {
       constexpr unsigned ON = decltype(on)::value;
@@ -200,15 +202,16 @@ FUSEDOPT_CPU_TARGETS void update_chunks_typed(unsigned slots, const int64_t* tme
         float* const scales[3] = {addr<DTYPE_FLOAT32>(row[T_A0]), addr<DTYPE_FLOAT32>(row[T_A1]),
                                   addr<DTYPE_FLOAT32>(row[T_A2])};
         if (unscale)
-          update_run_8bit<Opt, K, ON, true>(p, shadow, g, codes, scales, first, last, a, scale,
-                                            coef, seed);
+          update_run_8bit<Opt, K, ON, true>(p, shadow, g, codes, scales, err, first, last, a,
+                                            scale, coef, seed);
         else
-          update_run_8bit<Opt, K, ON, false>(p, shadow, g, codes, scales, first, last, a, scale,
-                                             coef, seed);
+          update_run_8bit<Opt, K, ON, false>(p, shadow, g, codes, scales, err, first, last, a,
+                                             scale, coef, seed);
       } else if (unscale)
-        update_run<Opt, K, ON, true>(p, shadow, g, s0, s1, s2, first, last, a, scale, coef, seed);
+        update_run<Opt, K, ON, true>(p, shadow, g, s0, s1, s2, err, first, last, a, scale, coef,
+                                     seed);
       else
-        update_run<Opt, K, ON, false>(p, shadow, g, s0, s1, s2, first, last, a, scale, coef,
+        update_run<Opt, K, ON, false>(p, shadow, g, s0, s1, s2, err, first, last, a, scale, coef,
                                       seed);
     });
   }

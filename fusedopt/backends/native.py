@@ -155,7 +155,7 @@ class NativeBackend:
         """The (param, grad, state dtypes, shadow, stochastic) combinations csrc/ has kernels
         for (csrc/cuda/multi_tensor.cuh's SupportedBuckets, the CPU dispatch likewise)."""
         if bucket.error:
-            return False  # compressed masters: the torch backend's only, so far
+            return self.name == "cpu" and L.bucket_code(bucket) in COMPRESSED_MASTER_BUCKETS
         if bucket.eight_bit:
             return L.bucket_code(bucket) in EIGHT_BIT_BUCKETS
         return L.bucket_code(bucket) in NATIVE_BUCKETS
@@ -213,11 +213,30 @@ def op_lists(work):
     slots = work.slots
     params = [s.param for s in slots] + [s.shadow for s in slots if s.shadow is not None]
     # 8-bit states: each slot's codes, then its absmaxes
-    states = [t for s in slots for t in (*s.states, *(s.absmax or ())) if t is not None]
+    # (and a compressed master's error term), in the order the binding checks them
+    states = [
+        t
+        for s in slots
+        for t in (*_interleave(s.states, s.absmax or (None,) * 3), s.error)
+        if t is not None
+    ]
     steps = [s.step for s in slots]
     counters = [g.counter for g in work.lrs if g.counter is not None]
     grads = [s.grad for s in slots]
     return params, states, steps, counters, grads
+
+
+# Compressed masters (an int8 or int16 error term beside bf16 parameters; csrc/cpu/
+# multi_tensor.h's with_bucket), with fp32 or 8-bit state: the CPU kernels only, so far.
+COMPRESSED_MASTER_BUCKETS = frozenset(
+    L.bucket_code(Bucket(torch.bfloat16, torch.bfloat16, state, False, False, bits))
+    for state in (torch.float32, torch.uint8)
+    for bits in (8, 16)
+)
+
+
+def _interleave(a, b):
+    return [t for pair in zip(a, b) for t in pair]
 
 
 def state_mask(work):

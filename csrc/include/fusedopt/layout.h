@@ -17,7 +17,9 @@ constexpr int T_PARAM = 0, T_S0 = 1, T_S1 = 2, T_S2 = 3, T_STEP = 4, T_NUMEL = 5
 // 8-bit state (a bucket's state dtype DTYPE_UINT8): the float32 absmax per QBLOCK elements of each
 // slot (fusedopt/quant8.h)
 constexpr int T_A0 = 8, T_A1 = 9, T_A2 = 10;
-constexpr int TMETA_WIDTH = 11;
+// a compressed master's error term (int8 or int16: fusedopt/master.h), 0 without
+constexpr int T_ERR = 11;
+constexpr int TMETA_WIDTH = 12;
 constexpr int QBLOCK = 256;
 
 // per group, int64 [G, GPTR_WIDTH]
@@ -91,5 +93,7 @@ constexpr int DTYPE_FLOAT32 = 0, DTYPE_BFLOAT16 = 1, DTYPE_FLOAT16 = 2, DTYPE_UI
 // the optimizer state; stochastic: the (bf16) parameter is stored with stochastic rounding.
 constexpr int BUCKET_GRAD_SHIFT = 2, BUCKET_STATE_SHIFT = 4, BUCKET_SHADOW_BIT = 6,
               BUCKET_STOCHASTIC_BIT = 7;
+// | error << BUCKET_ERROR_SHIFT: a compressed master's error term, 1 int8, 2 int16 (0: none)
+constexpr int BUCKET_ERROR_SHIFT = 8;
 
 }  // namespace fusedopt

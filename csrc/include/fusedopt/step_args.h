@@ -24,7 +24,7 @@ namespace fusedopt {
 // A bucket code (layout.h's BUCKET_*) in words: "param bfloat16, grad bfloat16, state float32,
 // stochastic rounding".
 inline std::string describe_bucket(int64_t code) {
-  if (code < 0 || code >= (int64_t{1} << (BUCKET_STOCHASTIC_BIT + 1))) {
+  if (code < 0 || code >= (int64_t{3} << BUCKET_ERROR_SHIFT)) {
     return "invalid bucket code " + std::to_string(code);
   }
   const auto dtype = [](int64_t d) -> std::string {
@@ -46,6 +46,10 @@ inline std::string describe_bucket(int64_t code) {
                     dtype((code >> BUCKET_STATE_SHIFT) & 3);
   if ((code >> BUCKET_SHADOW_BIT) & 1) out += ", rounded into the model's parameter (master)";
   if ((code >> BUCKET_STOCHASTIC_BIT) & 1) out += ", stochastic rounding";
+  if ((code >> BUCKET_ERROR_SHIFT) & 3) {
+    out += ((code >> BUCKET_ERROR_SHIFT) & 3) == 1 ? ", an int8" : ", an int16";
+    out += " error term (compressed master)";
+  }
   return out;
 }
 
@@ -273,6 +277,11 @@ struct StepArgs {
           }
         }
       }
+      const int64_t error = (code >> BUCKET_ERROR_SHIFT) & 3;
+      if (error) {
+        check_listed(i, code, "the compressed master's error term (T_ERR)", -1, states_at,
+                     "states", row[T_ERR], error == 1 ? at::kChar : at::kShort);
+      }
     }
   }
 
@@ -286,8 +295,9 @@ struct StepArgs {
     TORCH_CHECK(params.size() >= n && params.size() <= 2 * n,
                 "fusedopt: params must hold the ", n, " updated parameters (one per row of "
                 "tmeta), then at most one model parameter per master; got ", params.size());
-    TORCH_CHECK(states.size() <= 6 * n, "fusedopt: states holds ", states.size(),
-                " tensors, more than three per row of tmeta (", n, "), each with its absmaxes");
+    TORCH_CHECK(states.size() <= 7 * n, "fusedopt: states holds ", states.size(),
+                " tensors, more than three per row of tmeta (", n, "), each with its absmaxes, "
+                "and an error term");
     const struct {
       const char* name;
       at::TensorList list;
