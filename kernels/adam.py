@@ -6,6 +6,7 @@ Per element, in float32 (torch.optim's math, in its order of operations):
 ``p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)``.
 Every per-group option (amsgrad, maximize, decoupled decay) is a runtime value, so groups with
 different options still share one launch; a constexpr only compiles the AMSGrad code in or out.
+8-bit state (EIGHT_BIT): the same update on dequantized states (multi_tensor.py).
 """
 
 import triton
@@ -14,25 +15,33 @@ import triton.language as tl
 from .. import _layout as L
 from .multi_tensor import (
     HYPER_WIDTH,
+    QMAP_SIGNED,
+    QMAP_UNSIGNED,
     SCAL_WIDTH,
+    T_A0,
+    T_A1,
+    T_A2,
     T_GROUP,
     T_NUMEL,
     T_PARAM,
     T_S0,
     T_S1,
     T_S2,
-    T_SHADOW,
     TAIL_SPLIT,
     TMETA_WIDTH,
+    absmax_ptr,
     advance_steps,
-    block_mask,
-    cast_out,
     grad_in,
     lerp,
     live_count,
+    load_param,
+    load_state,
     pow_int,
     run_step,
+    side_addr,
     store_param,
+    store_state,
+    tile,
     whole_aligned_chunk,
 )
 
@@ -105,32 +114,47 @@ def _adam_main(
     grad_scale,
     found_inf,
     clip,
+    qmaps,
     DTYPE: tl.constexpr,
     GDTYPE: tl.constexpr,
     SDTYPE: tl.constexpr,
     SHADOW: tl.constexpr,
     SR: tl.constexpr,
+    ERR: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     HAS_INF: tl.constexpr,
     CLIP: tl.constexpr,
     HAS_AMSGRAD: tl.constexpr,
     BLOCK: tl.constexpr,
     ITERS: tl.constexpr,
+    EIGHT_BIT: tl.constexpr,
 ):
+    """The update of one chunk. EIGHT_BIT: the states are uint8 codes (SDTYPE) with a float32
+    absmax per QBLOCK elements (the tensor table's T_A0..2), quantized with the maps at ``qmaps``
+    (multi_tensor.qmaps); otherwise ``qmaps`` is None."""
     pid = tl.program_id(0).to(tl.int64)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
     row = tmeta + t * TMETA_WIDTH
     p_addr, m_addr = tl.load(row + T_PARAM), tl.load(row + T_S0)
     v_addr, vmax_addr = tl.load(row + T_S1), tl.load(row + T_S2)
-    g_addr, shadow_addr = tl.load(grads + t), tl.load(row + T_SHADOW)
+    g_addr = tl.load(grads + t)
+    shadow_addr = side_addr(row, ERR)  # the shadow (SHADOW) or the error term (ERR)
+    if ERR == 8:
+        shadow_ptr = shadow_addr.to(tl.pointer_type(tl.int8))
+    elif ERR == 16:
+        shadow_ptr = shadow_addr.to(tl.pointer_type(tl.int16))
+    else:
+        shadow_ptr = shadow_addr.to(tl.pointer_type(GDTYPE))
     p_ptr = p_addr.to(tl.pointer_type(DTYPE))
     m_ptr = m_addr.to(tl.pointer_type(SDTYPE))
     v_ptr = v_addr.to(tl.pointer_type(SDTYPE))
     vmax_ptr = vmax_addr.to(tl.pointer_type(SDTYPE))
+    m_scale = absmax_ptr(row, T_A0, EIGHT_BIT)
+    v_scale = absmax_ptr(row, T_A1, EIGHT_BIT)
+    vmax_scale = absmax_ptr(row, T_A2, EIGHT_BIT)
     numel = live_count(tl.load(row + T_NUMEL), found_inf, HAS_INF)
     g_ptr = g_addr.to(tl.pointer_type(GDTYPE))
-    shadow_ptr = shadow_addr.to(tl.pointer_type(GDTYPE))
     s = scal + t * SCAL_WIDTH
     seed = tl.load(s + S_SEED).to(tl.int64)  # the step, for stochastic rounding
     step_size = tl.load(s + S_STEP_SIZE)
@@ -154,13 +178,13 @@ def _adam_main(
         v_ptr = tl.multiple_of(v_ptr, 16)
         vmax_ptr = tl.multiple_of(vmax_ptr, 16)
         shadow_ptr = tl.multiple_of(shadow_ptr, 16)
-        for i in tl.static_range(ITERS):
+        for i in (tl.range if EIGHT_BIT else tl.static_range)(ITERS):
             _adam_block(
-                p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, shadow_ptr,
-                start + i * BLOCK + tl.arange(0, BLOCK), numel, ams_on,
+                p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, shadow_ptr, m_scale, v_scale, vmax_scale,
+                qmaps, start + i * BLOCK, numel, ams_on,
                 t, seed, step_size, bc2_sqrt, p_mul, g_wd, w1, beta2, w2, eps, sign,
-                grad_scale, clip, DTYPE, GDTYPE, SDTYPE, SHADOW, SR, HAS_SCALE, CLIP,
-                HAS_AMSGRAD, False,
+                grad_scale, clip, DTYPE, GDTYPE, SDTYPE, SHADOW, SR, ERR, HAS_SCALE, CLIP,
+                HAS_AMSGRAD, BLOCK, False, EIGHT_BIT,
             )  # fmt: skip
     else:
         # a tensor's tail, or a tensor not 16-byte aligned: masked scalar accesses, in a loop
@@ -168,12 +192,11 @@ def _adam_main(
         # part of a block at a time (multi_tensor.TAIL_SPLIT)
         for i in range(ITERS * TAIL_SPLIT):
             _adam_block(
-                p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, shadow_ptr,
-                start + i * (BLOCK // TAIL_SPLIT) + tl.arange(0, BLOCK // TAIL_SPLIT), numel,
-                ams_on,
+                p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, shadow_ptr, m_scale, v_scale, vmax_scale,
+                qmaps, start + i * (BLOCK // TAIL_SPLIT), numel, ams_on,
                 t, seed, step_size, bc2_sqrt, p_mul, g_wd, w1, beta2, w2, eps, sign,
-                grad_scale, clip, DTYPE, GDTYPE, SDTYPE, SHADOW, SR, HAS_SCALE, CLIP,
-                HAS_AMSGRAD, True,
+                grad_scale, clip, DTYPE, GDTYPE, SDTYPE, SHADOW, SR, ERR, HAS_SCALE, CLIP,
+                HAS_AMSGRAD, BLOCK // TAIL_SPLIT, True, EIGHT_BIT,
             )  # fmt: skip
 
 
@@ -185,7 +208,11 @@ def _adam_block(
     v_ptr,
     vmax_ptr,
     shadow_ptr,
-    offs,
+    m_scale,
+    v_scale,
+    vmax_scale,
+    qmaps,
+    base,
     numel,
     ams_on,
     t,
@@ -206,35 +233,51 @@ def _adam_block(
     SDTYPE: tl.constexpr,
     SHADOW: tl.constexpr,
     SR: tl.constexpr,
+    ERR: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     CLIP: tl.constexpr,
     HAS_AMSGRAD: tl.constexpr,
+    SIZE: tl.constexpr,
     MASKED: tl.constexpr,
+    EIGHT_BIT: tl.constexpr,
 ):
-    """One BLOCK of elements ``offs``: masked by ``numel`` (MASKED), or all in bounds."""
-    mask = block_mask(offs, numel, MASKED)
-    p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
+    """SIZE elements from ``base``: masked by ``numel`` (MASKED), or all in bounds; 8-bit
+    state (EIGHT_BIT) dequantized and quantized again per block (multi_tensor.tile)."""
+    offs, mask, blocks, bmask = tile(base, numel, SIZE, MASKED, EIGHT_BIT)
+    p = load_param(p_ptr, shadow_ptr, offs, mask, ERR)
     g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
     g = grad_in(g, g_ptr, offs, mask, grad_scale, clip, HAS_SCALE, CLIP, GDTYPE)
-    m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
-    v = tl.load(v_ptr + offs, mask=mask).to(tl.float32)
+    m = load_state(m_ptr, m_scale, offs, mask, blocks, bmask, qmaps, QMAP_SIGNED, EIGHT_BIT)
+    v = load_state(v_ptr, v_scale, offs, mask, blocks, bmask, qmaps, QMAP_UNSIGNED, EIGHT_BIT)
     g = g * sign
     p = p * p_mul
     g = tl.where(g_wd != 0.0, tl.fma(p, g_wd, g), g)
     m = lerp(m, g, w1)
     v = tl.fma(w2 * g, g, v * beta2)
+    # 8-bit without AMSGrad: the states quantized first, as rmsprop.py's square average (sm_90,
+    # Triton 3.9: 60-64 registers); with it or a compressed master, last (75-79; first, ptxas
+    # held 64 and spilled 8 bytes)
+    EARLY: tl.constexpr = EIGHT_BIT and not HAS_AMSGRAD and ERR == 0
+    if EARLY:
+        store_state(m_ptr, m_scale, offs, mask, qmaps, m, QMAP_SIGNED, SDTYPE, EIGHT_BIT)
+        store_state(v_ptr, v_scale, offs, mask, qmaps, v, QMAP_UNSIGNED, SDTYPE, EIGHT_BIT)
     v_used = v
     if HAS_AMSGRAD:
         if ams_on:  # a per-group option: the same for the whole block
-            vmax = tl.load(vmax_ptr + offs, mask=mask).to(tl.float32)
+            vmax = load_state(
+                vmax_ptr, vmax_scale, offs, mask, blocks, bmask, qmaps, QMAP_UNSIGNED, EIGHT_BIT
+            )
             vmax = tl.maximum(vmax, v, propagate_nan=tl.PropagateNan.ALL)
-            tl.store(vmax_ptr + offs, cast_out(vmax, SDTYPE), mask=mask)
+            store_state(
+                vmax_ptr, vmax_scale, offs, mask, qmaps, vmax, QMAP_UNSIGNED, SDTYPE, EIGHT_BIT
+            )
             v_used = vmax
     denom = tl.div_rn(tl.sqrt_rn(v_used), bc2_sqrt) + eps
     p = p + tl.div_rn(-step_size * m, denom)
-    store_param(p_ptr, shadow_ptr, offs, mask, p, t, seed, DTYPE, GDTYPE, SHADOW, SR)
-    tl.store(m_ptr + offs, cast_out(m, SDTYPE), mask=mask)
-    tl.store(v_ptr + offs, cast_out(v, SDTYPE), mask=mask)
+    store_param(p_ptr, shadow_ptr, offs, mask, p, t, seed, DTYPE, GDTYPE, SHADOW, SR, ERR)
+    if not EARLY:
+        store_state(m_ptr, m_scale, offs, mask, qmaps, m, QMAP_SIGNED, SDTYPE, EIGHT_BIT)
+        store_state(v_ptr, v_scale, offs, mask, qmaps, v, QMAP_UNSIGNED, SDTYPE, EIGHT_BIT)
 
 
 def step(tables, amp, state_mask):

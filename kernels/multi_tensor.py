@@ -12,6 +12,12 @@ and
 then one *main* launch per (device, dtype) bucket over chunks of every tensor. The prologue works in
 float64 so that ``1 - beta2**t`` keeps its digits for small ``t``, as torch.optim's host-side
 Python arithmetic does; the main pass reads the resulting float32 scalars.
+
+8-bit state (a bucket's state uint8, fusedopt/quant8.py): the main passes read each state as uint8
+codes and a float32 absmax per QBLOCK elements, dequantize, run the same float32 update, and
+quantize the new values with their new absmax (``tile``, ``load_state``, ``store_state``), bit for
+bit as the torch backend does; an EIGHT_BIT constexpr compiles that in, leaving the other passes'
+code as it was.
 """
 
 import math
@@ -22,6 +28,7 @@ import triton
 import triton.language as tl
 
 from .. import _layout as L
+from .. import quant8
 
 # Triton reads TRITON_INTERPRET when a kernel is decorated, so this is fixed at import time.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -35,6 +42,11 @@ T_STEP = tl.constexpr(L.T_STEP)
 T_NUMEL = tl.constexpr(L.T_NUMEL)
 T_GROUP = tl.constexpr(L.T_GROUP)
 T_SHADOW = tl.constexpr(L.T_SHADOW)
+T_ERR = tl.constexpr(L.T_ERR)
+T_A0 = tl.constexpr(L.T_A0)
+T_A1 = tl.constexpr(L.T_A1)
+T_A2 = tl.constexpr(L.T_A2)
+QBLOCK = tl.constexpr(L.QBLOCK)
 GPTR_WIDTH = tl.constexpr(L.GPTR_WIDTH)
 G_LR_PTR = tl.constexpr(L.G_LR_PTR)
 G_COUNTER_PTR = tl.constexpr(L.G_COUNTER_PTR)
@@ -69,9 +81,32 @@ PI = tl.constexpr(math.pi)
 
 TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
+# 8-bit state (a bucket's state uint8; fusedopt/quant8.py): the main passes read both code maps
+# from one float32 tensor of 512 on the parameters' device, the signed map, then the unsigned one;
+# a state slot names its map by its offset in it
+QMAP_SIZE = 256
+QMAP_SIGNED = tl.constexpr(0)
+QMAP_UNSIGNED = tl.constexpr(QMAP_SIZE)
+QMAP_TOP = tl.constexpr(QMAP_SIZE - 2)  # the highest lower neighbour a value can have
+FLT_MAX = tl.constexpr(3.4028234663852886e38)  # (above it: inf)
+_QMAPS = {}
+
+
+def qmaps(device):
+    """The code maps of 8-bit state on ``device`` (QMAP_SIGNED, QMAP_UNSIGNED), made once per
+    device and kept: a CUDA graph that captured a step reads them at their address."""
+    maps = _QMAPS.get(device)
+    if maps is None:
+        signed, unsigned = quant8.dynamic_map(True, device), quant8.dynamic_map(False, device)
+        maps = _QMAPS[device] = torch.cat([signed, unsigned]).contiguous()
+        assert maps.numel() == 2 * QMAP_SIZE
+    return maps
+
+
 # Main pass: BLOCK elements per vector op, ITERS of them per program (one chunk). The interpreter
-# runs programs one by one in Python, so there one block per chunk keeps the per-program cost low.
-BLOCK = 1024
+# runs programs one by one in Python, each op at a cost of ~0.1 ms whatever its size, so there the
+# chunk is one block of the same 4096 elements (the 8-bit passes took 3x longer at 1024).
+BLOCK = 4096 if INTERPRETED else 1024
 ITERS = 1 if INTERPRETED else 4
 CHUNK = BLOCK * ITERS
 # No implicit contraction of a*b + c into an FMA: the kernels place every FMA themselves, where
@@ -279,15 +314,84 @@ def store_param(
     GDTYPE: tl.constexpr,
     SHADOW: tl.constexpr,
     SR: tl.constexpr,
+    ERR: tl.constexpr,
 ):
     """Store the updated parameter: stochastically rounded (SR), or rounded to nearest even; with
-    a master (SHADOW), the master in fp32 and the model's parameter rounded to its dtype."""
+    a master (SHADOW), the master in fp32 and the model's parameter rounded to its dtype; with a
+    compressed master (ERR bits), the bf16 parameter and the error term of its rounding at
+    ``shadow_ptr`` (master_error)."""
     if SR:
         tl.store(p_ptr + offs, stochastic_bf16(p, offs, t, step), mask=mask)
     else:
-        tl.store(p_ptr + offs, cast_out(p, DTYPE), mask=mask)
+        b = cast_out(p, DTYPE)
+        tl.store(p_ptr + offs, b, mask=mask)
+        if ERR != 0:
+            e = master_error(p, b.to(tl.float32), ERR)
+            tl.store(shadow_ptr + offs, e.to(shadow_ptr.dtype.element_ty), mask=mask)
     if SHADOW:
         tl.store(shadow_ptr + offs, cast_out(p, GDTYPE), mask=mask)
+
+
+@triton.jit
+def side_addr(row, ERR: tl.constexpr):
+    """The address of what a parameter keeps beside it: its compressed master's error term (ERR
+    bits: the table's T_ERR), or the model's copy of an fp32 master (T_SHADOW; null without a
+    master). The kernels cast it to a pointer themselves: one a function returned lost its
+    alignment to Triton 3.6 (the bf16 shadow's 128-bit stores became 16-bit ones)."""
+    if ERR != 0:
+        return tl.load(row + T_ERR)
+    else:
+        return tl.load(row + T_SHADOW)
+
+
+@triton.jit
+def load_param(p_ptr, err_ptr, offs, mask, ERR: tl.constexpr):
+    """The float32 parameter an update starts from: with a compressed master (ERR bits), the
+    master ``b + e * s(b)`` its bf16 value ``b`` and error term ``e`` stand for (fusedopt/
+    _master.py, csrc/include/fusedopt/master.h: one rounding, ``e * s`` is exact)."""
+    b = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
+    if ERR != 0:
+        e = tl.load(err_ptr + offs, mask=mask).to(tl.float32)
+        b = b + e * master_scale(b, ERR)
+    return b
+
+
+@triton.jit
+def master_scale(b, ERR: tl.constexpr):
+    """s(b): half a bf16 ulp of ``b`` (a float32 holding a bf16 value) over 2**(ERR-1), the
+    power of two 2**(E - 135 - (ERR - 1)), E = max(b's biased exponent, 1): built from its bits,
+    subnormal below 2**-126 (as master.h's ``scale``)."""
+    k: tl.constexpr = ERR - 1
+    e = tl.maximum((b.to(tl.int32, bitcast=True) >> 23) & 0xFF, 1)
+    biased = e - (8 + k)
+    # the subnormal's bit, 1 << (e + 14 - k): at most bit 22 where it is taken (biased < 1)
+    sub = 1 << tl.minimum(e + (14 - k), 22)
+    bits = tl.where(biased >= 1, biased << 23, sub)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def master_error(x, b, ERR: tl.constexpr):
+    """The error term of the float32 ``x`` whose bf16 rounding is ``b`` (as float32):
+    (x - b) / s(b), both exact, rounded half to even and clamped to ERR bits; 0 where x is not
+    finite (master.h's ``error``). s(b) = 2**(E - 135 - k) (master_scale), so the quotient is
+    (x - b) * 2**(135 + k - E), taken as two multiplies by powers of two in float32's normal
+    range (2**n, n up to 149, is not one): exact, as the division is, and without div.rn's
+    slow-path subroutine, whose registers made the 8-bit passes spill. The rounding adds and
+    takes away 1.5 * 2**23, each rounded to nearest even: exact for the |q| <= 2**(ERR-1) a
+    finite x gives."""
+    k: tl.constexpr = ERR - 1
+    e = tl.maximum((b.to(tl.int32, bitcast=True) >> 23) & 0xFF, 1)
+    n = (135 + k) - e
+    n1 = tl.maximum(n - 127, 0)
+    up = ((n1 + 127) << 23).to(tl.float32, bitcast=True)
+    down = ((n - n1 + 127) << 23).to(tl.float32, bitcast=True)
+    q = ((x - b) * up) * down
+    r = (q + 12582912.0) - 12582912.0
+    lo: tl.constexpr = -(1 << (ERR - 1))
+    hi: tl.constexpr = (1 << (ERR - 1)) - 1
+    r = tl.minimum(tl.maximum(r, lo), hi)
+    return tl.where(q - q == 0.0, r, 0.0)
 
 
 @triton.jit
@@ -322,6 +426,147 @@ def block_mask(offs, numel, MASKED: tl.constexpr):
         return offs < numel
     else:
         return tl.full(offs.shape, True, tl.int1)
+
+
+@triton.jit
+def tile(base, numel, SIZE: tl.constexpr, MASKED: tl.constexpr, EIGHT_BIT: tl.constexpr):
+    """The SIZE elements from ``base`` that a main pass's block function updates: (offsets, their
+    mask (block_mask), the indices of their 8-bit quantization blocks, those blocks' mask).
+    EIGHT_BIT: the offsets are a [SIZE // QBLOCK, QBLOCK] tile, one quantization block a row (a
+    block's absmax is then a reduction along axis 1, and broadcasts back along it; ``base`` is a
+    multiple of QBLOCK, as every chunk start is); otherwise a vector, and the block indices a
+    scalar nothing reads (the compiler drops it: the code is that of a plain vector)."""
+    if EIGHT_BIT:
+        rows = tl.arange(0, SIZE // QBLOCK)
+        offs = base + rows[:, None] * QBLOCK + tl.arange(0, QBLOCK)[None, :]
+        blocks = base // QBLOCK + rows
+    else:
+        offs = base + tl.arange(0, SIZE)
+        blocks = base // QBLOCK
+    mask = block_mask(offs, numel, MASKED)
+    return offs, mask, blocks, block_mask(blocks * QBLOCK, numel, MASKED)
+
+
+@triton.jit
+def absmax_ptr(row, col, EIGHT_BIT: tl.constexpr):
+    """The float32 absmaxes of an 8-bit state slot (the tensor table's column ``col``: T_A0..2);
+    without 8-bit state a stand-in nothing reads (``row`` itself: no load)."""
+    if EIGHT_BIT:
+        return tl.load(row + col).to(tl.pointer_type(tl.float32))
+    else:
+        return row
+
+
+@triton.jit
+def load_state(
+    s_ptr,
+    a_ptr,
+    offs,
+    mask,
+    blocks,
+    bmask,
+    qmaps,
+    QMAP: tl.constexpr,
+    EIGHT_BIT: tl.constexpr,
+):
+    """A state slot's float32 values at ``offs``. 8-bit: its codes' map values (the map at
+    ``qmaps + QMAP``) times their block's absmax, one float32 multiply, as
+    quant8.dequantize_blockwise computes them."""
+    if EIGHT_BIT:
+        codes = tl.load(s_ptr + offs, mask=mask, other=0)
+        absmax = tl.load(a_ptr + blocks, mask=bmask, other=0.0)
+        return tl.load(qmaps + QMAP + codes.to(tl.int32)) * absmax[:, None]
+    else:
+        return tl.load(s_ptr + offs, mask=mask).to(tl.float32)
+
+
+@triton.jit
+def store_state(
+    s_ptr,
+    a_ptr,
+    offs,
+    mask,
+    qmaps,
+    x,
+    QMAP: tl.constexpr,
+    SDTYPE: tl.constexpr,
+    EIGHT_BIT: tl.constexpr,
+):
+    """Store a state slot's new values ``x``: rounded to SDTYPE, or 8-bit: quantized per block
+    with the absmax of its new values (quantize)."""
+    if EIGHT_BIT:
+        codes, absmax = quantize(x, mask, qmaps + QMAP)
+        tl.store(s_ptr + offs, codes, mask=mask)
+        # each block's absmax by the thread holding its first element: a store of the [blocks]
+        # vector had Triton move it through shared memory first (more registers)
+        first = offs % QBLOCK == 0
+        absmax = tl.broadcast_to(absmax[:, None], offs.shape)
+        tl.store(a_ptr + offs // QBLOCK, absmax, mask=mask & first)
+    else:
+        tl.store(s_ptr + offs, cast_out(x, SDTYPE), mask=mask)
+
+
+@triton.jit
+def div_rn_bounded(x, d):
+    """``x / d`` correctly rounded (tl.div_rn's result) for finite d > 0 and |x| <= d, without
+    div.rn.f32's slow-path subroutine: its calls, one per element, held registers enough for
+    ptxas to spill in the 8-bit passes. Quotients below 2**-30 in magnitude may be off by an
+    ulp (x subnormal and d >= 2**-40): quantization gives them all the code of 0 either way
+    (the nearest nonzero map values are above 3e-7).
+
+    Both operands are first scaled by a power of two (exact: |x| <= d) into d in [2**-49,
+    2**78], where 1/d and the remainders below stay normal. Then q = x * r from r ~ 1/d
+    (div.full.f32: within 2 ulps), one Newton correction with the remainder x - q*d (an FMA)
+    makes q faithful (within an ulp of x/d); that remainder, of a faithful q, is exact, and so is
+    the neighbour's on the side it points to: the nearer of the two is x/d rounded, a tie taking
+    the even one. (Checked against float64 division, 3.5e8 random and exact-midpoint pairs with r
+    off by up to 3 ulps: no difference.)"""
+    tiny = d < 2.0**-40
+    huge = d > 2.0**100
+    scale = tl.where(tiny, 2.0**100, tl.where(huge, 2.0**-50, 1.0))
+    x = x * scale
+    d = d * scale
+    r = tl.fdiv(1.0, d)
+    q = x * r
+    q = tl.fma(tl.fma(-q, d, x), r, q)
+    rem = tl.fma(-q, d, x)
+    bits = q.to(tl.int32, bitcast=True)
+    # the neighbour of q towards x/d: away from 0 when the remainder has q's sign
+    other_bits = bits + tl.where((rem > 0.0) == (q > 0.0), 1, -1)
+    other = other_bits.to(tl.float32, bitcast=True)
+    other_rem = tl.abs(tl.fma(-other, d, x))
+    rem = tl.abs(rem)
+    nearer = (other_rem < rem) | ((other_rem == rem) & ((other_bits & 1) == 0))
+    return tl.where((rem != 0.0) & (q != 0.0) & nearer, other, q)
+
+
+@triton.jit
+def quantize(x, mask, qmap):
+    """(uint8 codes, float32 absmax per row) of the [blocks, QBLOCK] tile ``x``, as
+    quant8.quantize_blockwise computes them: a row's absmax is the largest |x| of its elements in
+    ``mask`` (NaN if any is NaN; the others count as 0); each element takes the value of the
+    sorted 256-value map ``qmap`` nearest to x / absmax (absmax 0: x / 1; a true division, as
+    torch's), a tie taking the lower. n, the number of map values <= x/absmax, is found by binary
+    lifting (torch.bucketize(right=True)'s count); a NaN is <= no value and takes code 0, as
+    quant8.nearest_code gives it (and csrc's q8::nearest)."""
+    # the largest |x| as the largest of their bit patterns (non-negative floats order as their
+    # int32 bits do, and a NaN's lie above inf's): one integer reduction that keeps a NaN, where
+    # a float max drops it; tl.reduce with a NaN-keeping combine ran 40x slower interpreted
+    bits = tl.where(mask, tl.abs(x), 0.0).to(tl.int32, bitcast=True)
+    absmax = tl.max(bits, 1).to(tl.float32, bitcast=True)
+    d = tl.broadcast_to(tl.where(absmax > 0.0, absmax, 1.0)[:, None], x.shape)
+    # x / d: exact for d 1 (absmax 0 or NaN: x unchanged) and inf (finite x: +-0, inf: NaN)
+    x = tl.where(d == 1.0, x, tl.where(d > FLT_MAX, x * 0.0, div_rn_bounded(x, d)))
+    # n's bits from the highest: an OR sets one (the bits below it are still 0), as an add
+    # would; the interpreter checks each int32 add for overflow, 40% of an 8-bit pass's time
+    n = tl.zeros(x.shape, tl.int32)
+    for k in tl.static_range(8):
+        step = 128 >> k
+        n = tl.where(tl.load(qmap + (n | (step - 1))) <= x, n | step, n)
+    low = tl.minimum(tl.maximum(n - 1, 0), QMAP_TOP)
+    left = tl.abs(x - tl.load(qmap + low))
+    right = tl.abs(x - tl.load((qmap + 1) + low))
+    return tl.where(right < left, low + 1, low).to(tl.uint8), absmax
 
 
 @triton.jit
@@ -529,7 +774,9 @@ def run_step(tables, amp, prologue, main, **flags):
         **LAUNCH_OPTIONS,
     )
     for bucket, chunks, _ in tables.bucket_ranges():
-        dtypes = TL_DTYPE[bucket.param], TL_DTYPE[bucket.grad], TL_DTYPE[bucket.state]
+        eight_bit = bucket.eight_bit
+        state = tl.uint8 if eight_bit else TL_DTYPE[bucket.state]
+        dtypes = TL_DTYPE[bucket.param], TL_DTYPE[bucket.grad], state
         main[chunk_grid(chunks)](
             tables.tmeta,
             tables.grads,
@@ -538,15 +785,36 @@ def run_step(tables, amp, prologue, main, **flags):
             scale,
             inf,
             tables.clip,
+            # None: a constexpr, so that the passes without 8-bit state have no such argument
+            qmaps(tables.device) if eight_bit else None,
             DTYPE=dtypes[0],
             GDTYPE=dtypes[1],
             SDTYPE=dtypes[2],
             SHADOW=bucket.shadow,
             SR=bucket.stochastic,
+            ERR=bucket.error,
             CLIP=clip,
-            **{**opts, "num_warps": main_warps(*dtypes)},
+            EIGHT_BIT=eight_bit,
+            **{**opts, **main_options(dtypes, bucket.error)},
             **flags,
         )
+
+
+# The register cap of the 8-bit and compressed-master passes. Left to itself, ptxas held some of
+# them at 48, 64 or 80 registers and spilled 8 bytes (sm_90: 3 variants with Triton 3.9, 1 with
+# 3.6); told a cap of 128, it spills none and takes 24-114 (3.9) or 26-128 (3.6) registers
+# (2026-12-06). 128 still fits two 256-thread programs per SM; not yet timed on a GPU.
+MAXNREG_QUANTIZED = 128
+
+
+def main_options(dtypes, error=0):
+    """The launch options of a main pass over arrays of ``dtypes`` (Triton types; uint8 state:
+    8-bit) with an ``error``-bit compressed master (0: none): main_warps, and for the 8-bit and
+    compressed-master passes a register cap (MAXNREG_QUANTIZED)."""
+    options = {"num_warps": main_warps(*dtypes)}
+    if tl.uint8 in dtypes or error:
+        options["maxnreg"] = MAXNREG_QUANTIZED
+    return options
 
 
 def main_warps(*dtypes):
@@ -555,7 +823,11 @@ def main_warps(*dtypes):
     block: 8 warps when all are 4 bytes wide, 4 fp32 per thread; 4 warps with any 2-byte one, 8
     elements per thread). More elements per thread cost registers (fp32 AdamW at sm_90, both
     paths unrolled: 95 on 4 warps, 60 on 8); fewer lose the 128-bit access (benchmarks/NOTES-gpu-
-    performance.md)."""
+    performance.md). 8-bit state (uint8 codes): 4 elements per thread (8 warps), whatever the
+    other dtypes: 32-bit accesses to the codes, 128-bit to fp32 arrays, 64-bit to 16-bit ones.
+    Its quantization's search holds several registers per element and slot."""
+    if tl.uint8 in dtypes:
+        return BLOCK // (4 * 32)
     narrowest = min(d.primitive_bitwidth for d in dtypes) // 8
     return max(1, BLOCK * narrowest // (16 * 32))
 

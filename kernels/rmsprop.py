@@ -7,6 +7,7 @@ momentum: ``buf = momentum*buf + g/avg``, ``p -= lr*buf``; else ``p -= lr*g/avg`
 No bias correction; the step still advances (torch.optim keeps it in the state).
 ``centered``, ``momentum`` and ``maximize`` are runtime values per tensor; constexprs only compile
 the centered and momentum code in or out.
+8-bit state (EIGHT_BIT): the same update on dequantized states (multi_tensor.py).
 """
 
 import triton
@@ -15,24 +16,32 @@ import triton.language as tl
 from .. import _layout as L
 from .multi_tensor import (
     HYPER_WIDTH,
+    QMAP_SIGNED,
+    QMAP_UNSIGNED,
     SCAL_WIDTH,
+    T_A0,
+    T_A1,
+    T_A2,
     T_GROUP,
     T_NUMEL,
     T_PARAM,
     T_S0,
     T_S1,
     T_S2,
-    T_SHADOW,
     TAIL_SPLIT,
     TMETA_WIDTH,
+    absmax_ptr,
     advance_steps,
-    block_mask,
-    cast_out,
     grad_in,
     lerp,
     live_count,
+    load_param,
+    load_state,
     run_step,
+    side_addr,
     store_param,
+    store_state,
+    tile,
     whole_aligned_chunk,
 )
 
@@ -96,11 +105,13 @@ def _rmsprop_main(
     grad_scale,
     found_inf,
     clip,
+    qmaps,
     DTYPE: tl.constexpr,
     GDTYPE: tl.constexpr,
     SDTYPE: tl.constexpr,
     SHADOW: tl.constexpr,
     SR: tl.constexpr,
+    ERR: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     HAS_INF: tl.constexpr,
     CLIP: tl.constexpr,
@@ -108,21 +119,32 @@ def _rmsprop_main(
     HAS_MOMENTUM: tl.constexpr,
     BLOCK: tl.constexpr,
     ITERS: tl.constexpr,
+    EIGHT_BIT: tl.constexpr,
 ):
+    """The update of one chunk; EIGHT_BIT and ``qmaps`` as in adam.py's."""
     pid = tl.program_id(0).to(tl.int64)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
     row = tmeta + t * TMETA_WIDTH
     p_addr, sq_addr = tl.load(row + T_PARAM), tl.load(row + T_S0)
     buf_addr, ga_addr = tl.load(row + T_S1), tl.load(row + T_S2)
-    g_addr, shadow_addr = tl.load(grads + t), tl.load(row + T_SHADOW)
+    g_addr = tl.load(grads + t)
+    shadow_addr = side_addr(row, ERR)  # the shadow (SHADOW) or the error term (ERR)
+    if ERR == 8:
+        shadow_ptr = shadow_addr.to(tl.pointer_type(tl.int8))
+    elif ERR == 16:
+        shadow_ptr = shadow_addr.to(tl.pointer_type(tl.int16))
+    else:
+        shadow_ptr = shadow_addr.to(tl.pointer_type(GDTYPE))
     p_ptr = p_addr.to(tl.pointer_type(DTYPE))
     sq_ptr = sq_addr.to(tl.pointer_type(SDTYPE))
     buf_ptr = buf_addr.to(tl.pointer_type(SDTYPE))
     ga_ptr = ga_addr.to(tl.pointer_type(SDTYPE))
+    sq_scale = absmax_ptr(row, T_A0, EIGHT_BIT)
+    buf_scale = absmax_ptr(row, T_A1, EIGHT_BIT)
+    ga_scale = absmax_ptr(row, T_A2, EIGHT_BIT)
     numel = live_count(tl.load(row + T_NUMEL), found_inf, HAS_INF)
     g_ptr = g_addr.to(tl.pointer_type(GDTYPE))
-    shadow_ptr = shadow_addr.to(tl.pointer_type(GDTYPE))
     s = scal + t * SCAL_WIDTH
     seed = tl.load(s + S_SEED).to(tl.int64)  # the step, for stochastic rounding
     lr = tl.load(s + S_LR)
@@ -145,25 +167,24 @@ def _rmsprop_main(
         buf_ptr = tl.multiple_of(buf_ptr, 16)
         ga_ptr = tl.multiple_of(ga_ptr, 16)
         shadow_ptr = tl.multiple_of(shadow_ptr, 16)
-        for i in tl.static_range(ITERS):
+        for i in (tl.range if EIGHT_BIT else tl.static_range)(ITERS):
             _rmsprop_block(
-                p_ptr, g_ptr, sq_ptr, buf_ptr, ga_ptr, shadow_ptr,
-                start + i * BLOCK + tl.arange(0, BLOCK), numel, centered_on, momentum_on,
+                p_ptr, g_ptr, sq_ptr, buf_ptr, ga_ptr, shadow_ptr, sq_scale, buf_scale, ga_scale,
+                qmaps, start + i * BLOCK, numel, centered_on, momentum_on,
                 t, seed, lr, alpha, w, eps, wd, momentum, sign, grad_scale, clip,
-                DTYPE, GDTYPE, SDTYPE, SHADOW, SR, HAS_SCALE, CLIP, HAS_CENTERED, HAS_MOMENTUM,
-                False,
+                DTYPE, GDTYPE, SDTYPE, SHADOW, SR, ERR, HAS_SCALE, CLIP, HAS_CENTERED, HAS_MOMENTUM,
+                BLOCK, False, EIGHT_BIT,
             )  # fmt: skip
     else:
         # a tensor's tail, or a tensor not 16-byte aligned: masked scalar accesses, a part of a
         # block at a time (multi_tensor.TAIL_SPLIT), unrolled (as a loop it spilled)
-        for i in tl.static_range(ITERS * TAIL_SPLIT):
+        for i in (tl.range if EIGHT_BIT else tl.static_range)(ITERS * TAIL_SPLIT):
             _rmsprop_block(
-                p_ptr, g_ptr, sq_ptr, buf_ptr, ga_ptr, shadow_ptr,
-                start + i * (BLOCK // TAIL_SPLIT) + tl.arange(0, BLOCK // TAIL_SPLIT), numel,
-                centered_on, momentum_on,
+                p_ptr, g_ptr, sq_ptr, buf_ptr, ga_ptr, shadow_ptr, sq_scale, buf_scale, ga_scale,
+                qmaps, start + i * (BLOCK // TAIL_SPLIT), numel, centered_on, momentum_on,
                 t, seed, lr, alpha, w, eps, wd, momentum, sign, grad_scale, clip,
-                DTYPE, GDTYPE, SDTYPE, SHADOW, SR, HAS_SCALE, CLIP, HAS_CENTERED, HAS_MOMENTUM,
-                True,
+                DTYPE, GDTYPE, SDTYPE, SHADOW, SR, ERR, HAS_SCALE, CLIP, HAS_CENTERED, HAS_MOMENTUM,
+                BLOCK // TAIL_SPLIT, True, EIGHT_BIT,
             )  # fmt: skip
 
 
@@ -175,7 +196,11 @@ def _rmsprop_block(
     buf_ptr,
     ga_ptr,
     shadow_ptr,
-    offs,
+    sq_scale,
+    buf_scale,
+    ga_scale,
+    qmaps,
+    base,
     numel,
     centered_on,
     momentum_on,
@@ -195,38 +220,55 @@ def _rmsprop_block(
     SDTYPE: tl.constexpr,
     SHADOW: tl.constexpr,
     SR: tl.constexpr,
+    ERR: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     CLIP: tl.constexpr,
     HAS_CENTERED: tl.constexpr,
     HAS_MOMENTUM: tl.constexpr,
+    SIZE: tl.constexpr,
     MASKED: tl.constexpr,
+    EIGHT_BIT: tl.constexpr,
 ):
-    """One BLOCK of elements ``offs``: masked by ``numel`` (MASKED), or all in bounds."""
-    mask = block_mask(offs, numel, MASKED)
-    p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
+    """SIZE elements from ``base``: masked by ``numel`` (MASKED), or all in bounds; 8-bit
+    state (EIGHT_BIT) dequantized and quantized again per block (multi_tensor.tile)."""
+    offs, mask, blocks, bmask = tile(base, numel, SIZE, MASKED, EIGHT_BIT)
+    p = load_param(p_ptr, shadow_ptr, offs, mask, ERR)
     g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
     g = grad_in(g, g_ptr, offs, mask, grad_scale, clip, HAS_SCALE, CLIP, GDTYPE)
-    sq = tl.load(sq_ptr + offs, mask=mask).to(tl.float32)
+    sq = load_state(sq_ptr, sq_scale, offs, mask, blocks, bmask, qmaps, QMAP_UNSIGNED, EIGHT_BIT)
     g = g * sign
     g = tl.where(wd != 0.0, tl.fma(p, wd, g), g)
     sq = tl.fma(w * g, g, sq * alpha)
+    # 8-bit: quantized and stored first, so that its search is done before the next state's:
+    # stored last, every 8-bit RMSprop variant held more registers (sm_90, Triton 3.9: 64-98, the
+    # centered one without momentum spilling; 40-64 so). With a compressed master and no
+    # momentum, last (first, ptxas held the centered one at 64 registers and spilled; 57-70 so;
+    # with momentum, last took 76-100)
+    EARLY: tl.constexpr = EIGHT_BIT and (ERR == 0 or HAS_MOMENTUM)
+    if EARLY:
+        store_state(sq_ptr, sq_scale, offs, mask, qmaps, sq, QMAP_UNSIGNED, SDTYPE, EIGHT_BIT)
     var = sq
     if HAS_CENTERED:
         if centered_on:  # per-group options: the same for the whole block
-            ga = tl.load(ga_ptr + offs, mask=mask).to(tl.float32)
+            ga = load_state(
+                ga_ptr, ga_scale, offs, mask, blocks, bmask, qmaps, QMAP_SIGNED, EIGHT_BIT
+            )
             ga = lerp(ga, g, w)
-            tl.store(ga_ptr + offs, cast_out(ga, SDTYPE), mask=mask)
+            store_state(ga_ptr, ga_scale, offs, mask, qmaps, ga, QMAP_SIGNED, SDTYPE, EIGHT_BIT)
             var = tl.fma(-ga, ga, sq)
     avg = tl.sqrt_rn(var) + eps
     new_p = p + tl.div_rn(-lr * g, avg)
     if HAS_MOMENTUM:
         if momentum_on:
-            buf = tl.load(buf_ptr + offs, mask=mask).to(tl.float32)
+            buf = load_state(
+                buf_ptr, buf_scale, offs, mask, blocks, bmask, qmaps, QMAP_SIGNED, EIGHT_BIT
+            )
             buf = buf * momentum + tl.div_rn(g, avg)
-            tl.store(buf_ptr + offs, cast_out(buf, SDTYPE), mask=mask)
+            store_state(buf_ptr, buf_scale, offs, mask, qmaps, buf, QMAP_SIGNED, SDTYPE, EIGHT_BIT)
             new_p = tl.fma(buf, -lr, p)
-    store_param(p_ptr, shadow_ptr, offs, mask, new_p, t, seed, DTYPE, GDTYPE, SHADOW, SR)
-    tl.store(sq_ptr + offs, cast_out(sq, SDTYPE), mask=mask)
+    store_param(p_ptr, shadow_ptr, offs, mask, new_p, t, seed, DTYPE, GDTYPE, SHADOW, SR, ERR)
+    if not EARLY:
+        store_state(sq_ptr, sq_scale, offs, mask, qmaps, sq, QMAP_UNSIGNED, SDTYPE, EIGHT_BIT)
 
 
 def step(tables, amp, state_mask):

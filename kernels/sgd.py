@@ -7,6 +7,7 @@ else ``buf = momentum*buf + (1-dampening)*g``; ``g = g + momentum*buf`` (nestero
 which update is the first, and seeds stochastic rounding.
 ``momentum``, ``nesterov``, weight decay and ``maximize`` are runtime values per tensor; a
 constexpr only compiles the momentum code in or out.
+8-bit state (EIGHT_BIT): the same update on dequantized states (multi_tensor.py).
 """
 
 import triton
@@ -15,21 +16,26 @@ import triton.language as tl
 from .. import _layout as L
 from .multi_tensor import (
     HYPER_WIDTH,
+    QMAP_SIGNED,
     SCAL_WIDTH,
+    T_A0,
     T_GROUP,
     T_NUMEL,
     T_PARAM,
     T_S0,
-    T_SHADOW,
     TAIL_SPLIT,
     TMETA_WIDTH,
+    absmax_ptr,
     advance_steps,
-    block_mask,
-    cast_out,
     grad_in,
     live_count,
+    load_param,
+    load_state,
     run_step,
+    side_addr,
     store_param,
+    store_state,
+    tile,
     whole_aligned_chunk,
 )
 
@@ -87,29 +93,40 @@ def _sgd_main(
     grad_scale,
     found_inf,
     clip,
+    qmaps,
     DTYPE: tl.constexpr,
     GDTYPE: tl.constexpr,
     SDTYPE: tl.constexpr,
     SHADOW: tl.constexpr,
     SR: tl.constexpr,
+    ERR: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     HAS_INF: tl.constexpr,
     CLIP: tl.constexpr,
     HAS_MOMENTUM: tl.constexpr,
     BLOCK: tl.constexpr,
     ITERS: tl.constexpr,
+    EIGHT_BIT: tl.constexpr,
 ):
+    """The update of one chunk; EIGHT_BIT and ``qmaps`` as in adam.py's."""
     pid = tl.program_id(0).to(tl.int64)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
     row = tmeta + t * TMETA_WIDTH
     p_addr, buf_addr = tl.load(row + T_PARAM), tl.load(row + T_S0)
-    g_addr, shadow_addr = tl.load(grads + t), tl.load(row + T_SHADOW)
+    g_addr = tl.load(grads + t)
+    shadow_addr = side_addr(row, ERR)  # the shadow (SHADOW) or the error term (ERR)
+    if ERR == 8:
+        shadow_ptr = shadow_addr.to(tl.pointer_type(tl.int8))
+    elif ERR == 16:
+        shadow_ptr = shadow_addr.to(tl.pointer_type(tl.int16))
+    else:
+        shadow_ptr = shadow_addr.to(tl.pointer_type(GDTYPE))
     p_ptr = p_addr.to(tl.pointer_type(DTYPE))
     buf_ptr = buf_addr.to(tl.pointer_type(SDTYPE))
+    buf_scale = absmax_ptr(row, T_A0, EIGHT_BIT)
     numel = live_count(tl.load(row + T_NUMEL), found_inf, HAS_INF)
     g_ptr = g_addr.to(tl.pointer_type(GDTYPE))
-    shadow_ptr = shadow_addr.to(tl.pointer_type(GDTYPE))
     s = scal + t * SCAL_WIDTH
     seed = tl.load(s + S_SEED).to(tl.int64)  # the step, for stochastic rounding
     lr = tl.load(s + S_LR)
@@ -129,23 +146,24 @@ def _sgd_main(
         g_ptr = tl.multiple_of(g_ptr, 16)
         buf_ptr = tl.multiple_of(buf_ptr, 16)
         shadow_ptr = tl.multiple_of(shadow_ptr, 16)
-        for i in tl.static_range(ITERS):
+        for i in (tl.range if EIGHT_BIT else tl.static_range)(ITERS):
             _sgd_block(
-                p_ptr, g_ptr, buf_ptr, shadow_ptr,
-                start + i * BLOCK + tl.arange(0, BLOCK), numel, momentum_on, nesterov, first,
+                p_ptr, g_ptr, buf_ptr, shadow_ptr, buf_scale,
+                qmaps, start + i * BLOCK, numel, momentum_on, nesterov, first,
                 t, seed, lr, momentum, w, wd, sign, grad_scale, clip,
-                DTYPE, GDTYPE, SDTYPE, SHADOW, SR, HAS_SCALE, CLIP, HAS_MOMENTUM, False,
+                DTYPE, GDTYPE, SDTYPE, SHADOW, SR, ERR, HAS_SCALE, CLIP, HAS_MOMENTUM,
+                BLOCK, False, EIGHT_BIT,
             )  # fmt: skip
     else:
         # a tensor's tail, or a tensor not 16-byte aligned: masked scalar accesses, a part of a
         # block at a time (multi_tensor.TAIL_SPLIT)
-        for i in tl.static_range(ITERS * TAIL_SPLIT):
+        for i in (tl.range if EIGHT_BIT else tl.static_range)(ITERS * TAIL_SPLIT):
             _sgd_block(
-                p_ptr, g_ptr, buf_ptr, shadow_ptr,
-                start + i * (BLOCK // TAIL_SPLIT) + tl.arange(0, BLOCK // TAIL_SPLIT), numel,
-                momentum_on, nesterov, first,
+                p_ptr, g_ptr, buf_ptr, shadow_ptr, buf_scale,
+                qmaps, start + i * (BLOCK // TAIL_SPLIT), numel, momentum_on, nesterov, first,
                 t, seed, lr, momentum, w, wd, sign, grad_scale, clip,
-                DTYPE, GDTYPE, SDTYPE, SHADOW, SR, HAS_SCALE, CLIP, HAS_MOMENTUM, True,
+                DTYPE, GDTYPE, SDTYPE, SHADOW, SR, ERR, HAS_SCALE, CLIP, HAS_MOMENTUM,
+                BLOCK // TAIL_SPLIT, True, EIGHT_BIT,
             )  # fmt: skip
 
 
@@ -155,7 +173,9 @@ def _sgd_block(
     g_ptr,
     buf_ptr,
     shadow_ptr,
-    offs,
+    buf_scale,
+    qmaps,
+    base,
     numel,
     momentum_on,
     nesterov,
@@ -174,14 +194,18 @@ def _sgd_block(
     SDTYPE: tl.constexpr,
     SHADOW: tl.constexpr,
     SR: tl.constexpr,
+    ERR: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     CLIP: tl.constexpr,
     HAS_MOMENTUM: tl.constexpr,
+    SIZE: tl.constexpr,
     MASKED: tl.constexpr,
+    EIGHT_BIT: tl.constexpr,
 ):
-    """One BLOCK of elements ``offs``: masked by ``numel`` (MASKED), or all in bounds."""
-    mask = block_mask(offs, numel, MASKED)
-    p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
+    """SIZE elements from ``base``: masked by ``numel`` (MASKED), or all in bounds; 8-bit
+    state (EIGHT_BIT) dequantized and quantized again per block (multi_tensor.tile)."""
+    offs, mask, blocks, bmask = tile(base, numel, SIZE, MASKED, EIGHT_BIT)
+    p = load_param(p_ptr, shadow_ptr, offs, mask, ERR)
     g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
     g = grad_in(g, g_ptr, offs, mask, grad_scale, clip, HAS_SCALE, CLIP, GDTYPE)
     g = g * sign
@@ -191,12 +215,14 @@ def _sgd_block(
             if first:  # the tensor's first update: the buffer starts as the gradient
                 buf = g
             else:
-                buf = tl.load(buf_ptr + offs, mask=mask).to(tl.float32)
+                buf = load_state(
+                    buf_ptr, buf_scale, offs, mask, blocks, bmask, qmaps, QMAP_SIGNED, EIGHT_BIT
+                )
                 buf = tl.fma(g, w, buf * momentum)
-            tl.store(buf_ptr + offs, cast_out(buf, SDTYPE), mask=mask)
+            store_state(buf_ptr, buf_scale, offs, mask, qmaps, buf, QMAP_SIGNED, SDTYPE, EIGHT_BIT)
             g = tl.where(nesterov, tl.fma(buf, momentum, g), buf)
     p = tl.fma(g, -lr, p)
-    store_param(p_ptr, shadow_ptr, offs, mask, p, t, seed, DTYPE, GDTYPE, SHADOW, SR)
+    store_param(p_ptr, shadow_ptr, offs, mask, p, t, seed, DTYPE, GDTYPE, SHADOW, SR, ERR)
 
 
 def step(tables, amp, state_mask):

@@ -23,12 +23,12 @@ CUDA_DIR = ROOT / "csrc" / "cuda"
 SOURCES = sorted(CUDA_DIR.glob("*.cu"))
 ARCHS = ("80", "90")
 # Kernels per arch. update.cu: per optimizer its prologue's two kernels. update_<optimizer>.cu: a
-# main kernel for each bucket with kernels (15: csrc/cuda/multi_tensor.cuh's SupportedBuckets, the
-# (param, grad, state) dtypes with the shadow and stochastic rounding) x each set of the state
-# slots its options use (adam: the AMSGrad maximum, 2; rmsprop: momentum and centered, 4; sgd:
-# momentum, 2) x GradScaler's unscaling (HAS_SCALE, 2). sumsq.cu: the clipping pre-pass for the 3
-# grad dtypes and the clipping reduction's first stage.
-N_BUCKETS = 15  # 11, and the 4 with 8-bit state
+# main kernel for each bucket with kernels (19: csrc/cuda/multi_tensor.cuh's SupportedBuckets, the
+# (param, grad, state) dtypes with the shadow, stochastic rounding and a compressed master's error
+# term) x each set of the state slots its options use (adam: the AMSGrad maximum, 2; rmsprop:
+# momentum and centered, 4; sgd: momentum, 2) x GradScaler's unscaling (HAS_SCALE, 2). sumsq.cu:
+# the clipping pre-pass for the 3 grad dtypes and the clipping reduction's first stage.
+N_BUCKETS = 19  # 11, the 4 with 8-bit state, and the 4 compressed masters
 KERNELS_PER_ARCH = {
     "update.cu": 3 * 2,
     "update_adam.cu": N_BUCKETS * 2 * 2,
@@ -168,11 +168,17 @@ def test_main_kernels_use_128_bit_accesses_at_sm90(compiled):
                 assert acc["128"] > 0, f"{name}: no 128-bit access: {dict(acc)}"
             if "main_kernel_8bit" in name:
                 # 8-bit state (update_kernels.cuh): a lane holds 8 elements' codes, parameters
-                # and grads through the update, then the absmax shuffles; 40-106 at 6324db7+1
-                # under __launch_bounds__(256, 1) (capped at 64-80, ptxas spilled 8-24 bytes)
-                assert regs <= 112, (name, regs)
+                # and grads through the update, then the absmax shuffles; 40-106 at 6324db7+1,
+                # 40-117 at 73ac1f2 (tmeta 12 wide), under __launch_bounds__(256, 1) (capped at
+                # 64-80, ptxas spilled 8-24 bytes); with a compressed master (the error term's
+                # load and rebuild, its store) 56-112 at sm_80, 56-124 at sm_90 (Adam's). What
+                # counts is occupancy: up to 128 registers two 256-thread blocks fit in an SM's
+                # 64K registers, above it only one.
+                assert regs <= 128, (name, regs)
             elif "main_kernel" in name:
-                assert regs <= 72, (name, regs)  # 32-66 when written (kernel_report)
+                # 32-66 when written (kernel_report); compressed masters 40-71 at sm_80 (71:
+                # Adam's, int16), 40-64 at sm_90
+                assert regs <= 72, (name, regs)
                 kernel, rest = name.split("Bucket<", 1)
                 bucket, flags = rest.split(">", 1)
                 wide[kernel, bucket, flags] = acc["64"]
@@ -181,12 +187,16 @@ def test_main_kernels_use_128_bit_accesses_at_sm90(compiled):
     # narrowest dtype): 64-bit accesses are the tables' int64 reads only, as many as the fp32
     # bucket's with the same flags, plus one for a master's shadow address. With kVec sized by
     # the widest dtype (before), a bf16 array beside fp32 ones moved 8 bytes: 10-18 against 6-8.
+    # A compressed master's error term (Bucket's last argument, its bits) adds its address, as a
+    # shadow does; an int8 one also moves kVec = 8 bytes per access (multi_tensor.cuh's Bucket:
+    # it does not count towards kVec), one 64-bit load and one store (int16: 16 bytes).
     assert wide
     for (kernel, bucket, flags), n in wide.items():
         # (the 8-bit kernels: against their own fp32-parameter bucket)
         state = "unsigned char" if "8bit" in kernel else "f32"
-        fp32 = wide[kernel, f"f32, f32, {state}, false", flags]
-        assert n <= fp32 + 1, f"{kernel}<{bucket}>{flags}: {n} 64-bit accesses, fp32 {fp32}"
+        fp32 = wide[kernel, f"f32, f32, {state}, false, 0", flags]
+        extra = 3 if bucket.endswith(", 8") else 1
+        assert n <= fp32 + extra, f"{kernel}<{bucket}>{flags}: {n} 64-bit accesses, fp32 {fp32}"
 
 
 def test_launchers_header_is_self_contained(tmp_path):

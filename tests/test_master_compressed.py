@@ -57,15 +57,26 @@ def test_non_finite_and_bounds(bits):
     assert int(e.min()) >= lo and int(e.max()) <= hi
 
 
-def _run(master, steps=8, backend="torch", extra=None, grads_seed=1):
+OPTIMIZERS = {
+    "adamw": (fusedopt.AdamW, dict(lr=1e-3)),
+    "rmsprop": (fusedopt.RMSprop, dict(lr=1e-3, centered=True, momentum=0.9, weight_decay=0.01)),
+    "sgd": (fusedopt.SGD, dict(lr=1e-2, momentum=0.9, nesterov=True)),
+}
+
+
+def _run(master, steps=8, backend="torch", extra=None, grads_seed=1, name="adamw", device="cpu"):
     g = torch.Generator().manual_seed(0)
     shapes = [(64, 128), (5000,), (7,)]
-    params = [torch.nn.Parameter(torch.randn(s, generator=g).to(torch.bfloat16)) for s in shapes]
+    params = [
+        torch.nn.Parameter(torch.randn(s, generator=g).to(device, torch.bfloat16)) for s in shapes
+    ]
     gen = torch.Generator().manual_seed(grads_seed)
     grads = [
-        [torch.randn(s, generator=gen).to(torch.bfloat16) for s in shapes] for _ in range(steps)
+        [torch.randn(s, generator=gen).to(device, torch.bfloat16) for s in shapes]
+        for _ in range(steps)
     ]
-    opt = fusedopt.AdamW(params, lr=1e-3, master_weights=master, backend=backend, **(extra or {}))
+    cls, kw = OPTIMIZERS[name]
+    opt = cls(params, master_weights=master, backend=backend, **kw, **(extra or {}))
     return opt, params, grads
 
 
@@ -75,19 +86,23 @@ def _step(opt, params, gs):
     opt.step()
 
 
-@pytest.mark.parametrize("backend,device", backend_device_params(("torch", "cpu")))
+@pytest.mark.parametrize(
+    "backend,device", backend_device_params(("torch", "cpu", "triton", "cuda"))
+)
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize(
     "extra", [{}, dict(state_dtype=torch.uint8, min_8bit_size=4096)], ids=["fp32", "8bit"]
 )
-def test_is_the_fp32_master_run_compressed_at_every_step(backend, device, bits, extra):
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_is_the_fp32_master_run_compressed_at_every_step(backend, device, bits, extra, name):
     """The same as an fp32-master run of the same backend whose master is split into bf16 +
     error term (fusedopt/_master.py) and rebuilt after every step (the algorithm composed from
     the fp32 master one), bit for bit: parameters, error terms and states; with 8-bit state too.
-    On the cpu backend this also checks csrc/include/fusedopt/master.h against _master.py."""
+    On the cpu, cuda and triton backends this also checks csrc/include/fusedopt/master.h (host
+    and device) and kernels/multi_tensor.py's master_error against _master.py."""
     need_backend(backend, device)
-    opt, ps, grads = _run(f"int{bits}", backend=backend, extra=extra)
-    ref, rps, _ = _run(True, backend=backend, extra=extra)
+    opt, ps, grads = _run(f"int{bits}", backend=backend, extra=extra, name=name, device=device)
+    ref, rps, _ = _run(True, backend=backend, extra=extra, name=name, device=device)
     for gs in grads:
         _step(opt, ps, gs)
         _step(ref, rps, gs)

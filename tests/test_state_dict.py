@@ -67,7 +67,7 @@ def test_same_keys_as_torch(cls, kw):
     train(opt, b, 2)
     rs, s = ropt.state_dict(), opt.state_dict()
     # torch's group keys, plus fusedopt's low-precision options (which torch.optim ignores)
-    extra = {"master_weights", "state_dtype", "stochastic_rounding"}
+    extra = {"master_weights", "min_8bit_size", "state_dtype", "stochastic_rounding"}
     assert [sorted(set(g) - extra) for g in s["param_groups"]] == [
         sorted(g) for g in rs["param_groups"]
     ]

@@ -63,14 +63,19 @@ def test_kernels_compile_for_nvidia_targets(which):
     assert Path(meta["kernels"]).resolve().is_relative_to(ROOT), meta
     assert version is None or meta["triton"] == version, meta
     # per arch: amp off (4 prologues: groups, adam, rmsprop, sgd; 3 sumsq; 3 dtypes x 8 main:
-    # adam 2, rmsprop 4, sgd 2 flag sets) + on (the same, the clipping reduction's first stage,
-    # 3 mixed precisions x 8 main)
-    assert len(rows) == 2 * ((4 + 3 + 3 * 8) + (4 + 1 + 3 + 6 * 8))
+    # adam 2, rmsprop 4, sgd 2 flag sets; 8-bit state with fp32 and bf16 parameters x 8 main) +
+    # on (the same, the clipping reduction's first stage, 3 mixed precisions x 8 main; 8-bit
+    # state with fp32, bf16, fp32 masters of bf16 and of fp16, bf16 stochastic x 8 main;
+    # compressed masters, int16 with fp32 state and int8 with 8-bit state x 8 main)
+    assert len(rows) == 2 * ((4 + 3 + 3 * 8 + 2 * 8) + (4 + 1 + 3 + 6 * 8 + 5 * 8 + 2 * 8))
     assert all(r["cubin_bytes"] > 0 for r in rows)
-    # explicit FMAs only: the same count on both archs for each kernel
+    # explicit FMAs only: the same count on both archs for each kernel (but the 8-bit passes:
+    # their chunk loop is a runtime loop, which LLVM unrolls at sm_90 and not at sm_80 for some:
+    # SGD without momentum, 12 FMAs at sm_80, 36 at sm_90 with Triton 3.9)
     by_kernel = {}
     for r in rows:
-        by_kernel.setdefault(r["kernel"], set()).add(r["fma_f32"])
+        if "uint8" not in r["dtypes"]:
+            by_kernel.setdefault(r["kernel"], set()).add(r["fma_f32"])
     assert all(len(v) == 1 for v in by_kernel.values()), by_kernel
 
     # issue 13: from the SASS at sm_90 (tests/triton_aot.py, benchmarks/kernel_report.py)
@@ -83,6 +88,17 @@ def test_kernels_compile_for_nvidia_targets(which):
     assert not [s for s in spilling if s[1] or s[2]], spilling
     for r in streaming:
         name = r["kernel"]
+        if "uint8" in r["dtypes"] or r["err"]:
+            # 8-bit state: 4 elements per thread (multi_tensor.main_warps), so 128-bit accesses
+            # to fp32 arrays, 64-bit to 16-bit ones (and 32-bit to the codes); compressed masters
+            # with fp32 state: 128-bit. Their register cap (multi_tensor.MAXNREG_QUANTIZED, 128)
+            # bounds them: the maps' lookups hold registers per element (sm_90, 2026-12-06: Triton
+            # 3.9 40-80, 3.6 up to 128), and beyond it ptxas would spill (asserted above: none)
+            only_16_bit = r["dtypes"][2] == "uint8" and "fp32" not in r["dtypes"][:2]
+            wide = "b64" if only_16_bit else "b128"
+            assert r.get(wide, 0) > 0, f"{name}: no {wide[1:]}-bit access: {r}"
+            assert r["regs"] <= 128, r
+            continue
         # every main pass and the clipping pre-pass, fp32, bf16 and fp16, mixed buckets too
         assert r.get("b128", 0) > 0, f"{name}: no 128-bit access (scalar only): {r}"
         plain = len(set(r["dtypes"])) == 1

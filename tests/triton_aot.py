@@ -63,13 +63,16 @@ MAIN_SIG = {
     "grad_scale": "*fp32",
     "found_inf": "*fp32",
     "clip": "*fp32",
+    "qmaps": "constexpr",  # None, a constexpr, without 8-bit state (run_step); else _QMAPS_SIG
     "DTYPE": "constexpr",
     "HAS_SCALE": "constexpr",
     "HAS_INF": "constexpr",
     "CLIP": "constexpr",
     "BLOCK": "constexpr",
     "ITERS": "constexpr",
+    "EIGHT_BIT": "constexpr",
 }
+_QMAPS_SIG = {"qmaps": "*fp32"}
 SUMSQ_SIG = {
     "tmeta": "*i64",
     "grads": "*i64",
@@ -111,9 +114,42 @@ def _precisions(amp_on):
     return plain + (mixed if amp_on else [])
 
 
+def _precisions_8bit(amp_on):
+    """The 8-bit state buckets (uint8 codes): fp32 and bf16 parameters, and with everything else
+    on, fp32 masters of bf16 and fp16 parameters and bf16 with stochastic rounding too."""
+    f32, bf16, f16, u8 = tl.float32, tl.bfloat16, tl.float16, tl.uint8
+    plain = [(f32, f32, u8, False, False), (bf16, bf16, u8, False, False)]
+    mixed = [
+        (f32, bf16, u8, True, False),
+        (f32, f16, u8, True, False),
+        (bf16, bf16, u8, False, True),
+    ]
+    return plain + (mixed if amp_on else [])
+
+
+def _precisions_compressed(amp_on):
+    """Compressed masters (bf16 parameters and an error term of ERR bits: the last field): int16
+    with fp32 state, int8 with 8-bit state; with everything else on."""
+    bf16 = tl.bfloat16
+    both = [(bf16, bf16, tl.float32, False, False, 16), (bf16, bf16, tl.uint8, False, False, 8)]
+    return both if amp_on else []
+
+
 def _main_flags(precision, amp):
-    p, g, st, shadow, sr = precision
-    return {"DTYPE": p, "GDTYPE": g, "SDTYPE": st, "SHADOW": shadow, "SR": sr, **amp, **MAIN}
+    p, g, st, shadow, sr, *err = precision
+    eight_bit = st == tl.uint8
+    return {
+        "DTYPE": p,
+        "GDTYPE": g,
+        "SDTYPE": st,
+        "SHADOW": shadow,
+        "SR": sr,
+        "ERR": err[0] if err else 0,
+        **amp,
+        **MAIN,
+        "EIGHT_BIT": eight_bit,
+        **({} if eight_bit else {"qmaps": None}),
+    }
 
 
 def variants():
@@ -141,7 +177,11 @@ def variants():
                 SUMSQ_SIG,
                 {"DTYPE": dtype, "HAS_SCALE": amp["HAS_SCALE"], "HAS_INF": amp["HAS_INF"], **MAIN},
             )
-        for precision in _precisions(amp["CLIP"]):
+        amp_on = amp["CLIP"]
+        for precision in (
+            _precisions(amp_on) + _precisions_8bit(amp_on) + _precisions_compressed(amp_on)
+        ):
+            eight_bit = precision[2] == tl.uint8
             for name, (_, main, options) in OPTIMIZERS.items():
                 for values in itertools.product((False, True), repeat=len(options)):
                     chosen = dict(zip(options, values))
@@ -149,7 +189,11 @@ def variants():
                     yield (
                         f"{name}_main[{precision},{label},{amp}]",
                         main,
-                        {**MAIN_SIG, **dict.fromkeys(options, "constexpr")},
+                        {
+                            **MAIN_SIG,
+                            **(_QMAPS_SIG if eight_bit else {}),
+                            **dict.fromkeys(options, "constexpr"),
+                        },
                         {**chosen, **_main_flags(precision, amp)},
                     )
 
@@ -159,7 +203,7 @@ def launch_options(constexprs):
     options = dict(multi_tensor.LAUNCH_OPTIONS)
     if "SDTYPE" in constexprs:
         dtypes = (constexprs["DTYPE"], constexprs["GDTYPE"], constexprs["SDTYPE"])
-        options["num_warps"] = multi_tensor.main_warps(*dtypes)
+        options.update(multi_tensor.main_options(dtypes, constexprs["ERR"]))
     return options
 
 
@@ -184,6 +228,7 @@ def _row(job):
         "cubin_bytes": len(kernel.asm["cubin"]),
         "fma_f32": ptx.count("fma.rn.f32"),
         "dtypes": [str(constexprs[k]) for k in ("DTYPE", "GDTYPE", "SDTYPE") if k in constexprs],
+        "err": constexprs.get("ERR", 0),
     }
     if arch == 90:  # what the SASS does with memory (benchmarks/kernel_report.py)
         regs, stack, acc = kernel_report.analyze_cubin(kernel.asm["cubin"])

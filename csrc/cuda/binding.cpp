@@ -19,7 +19,8 @@ namespace {
 // Every bucket with CUDA kernels, in words, for the error message of one without.
 std::string supported_buckets() {
   std::string out;
-  for (int code = 0; code < (1 << (fusedopt::BUCKET_STOCHASTIC_BIT + 1)); ++code) {
+  // (every code describe_bucket knows: the error term's two bits included)
+  for (int code = 0; code < (3 << fusedopt::BUCKET_ERROR_SHIFT); ++code) {
     if (fusedopt_cuda_bucket_supported(code)) out += "\n  " + fusedopt::describe_bucket(code);
   }
   return out;

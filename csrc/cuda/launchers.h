@@ -8,13 +8,16 @@
 // [n_chunks, 2] of (tensor index, first element), each chunk_size elements long (or up to the
 // tensor's end).
 // `bucket` is a bucket code (layout.h's BUCKET_*: param | grad << 2 | state << 4 | shadow << 6 |
-// stochastic << 7, dtype codes DTYPE_*) that holds for every tensor the chunks touch: the
-// parameter (tmeta's T_PARAM, the fp32 master when there is one) is read and written in `param`,
-// the grads in `grad`, the three state slots in `state`; with `shadow` the new parameter is also
-// stored, rounded to nearest even, into tmeta's T_SHADOW in `grad`; with `stochastic` the (bf16)
-// parameter is stored with stochastic rounding (kernels/multi_tensor.py's stochastic_bf16, seeded
-// by the tensor's row and the step the prologue writes to scal). Kernels exist for the buckets
-// fusedopt_cuda_bucket_supported accepts. `stream` is a cudaStream_t.
+// stochastic << 7 | error << 8, dtype codes DTYPE_*) that holds for every tensor the chunks touch:
+// the parameter (tmeta's T_PARAM, the fp32 master when there is one) is read and written in
+// `param`, the grads in `grad`, the three state slots in `state`; with `shadow` the new parameter
+// is also stored, rounded to nearest even, into tmeta's T_SHADOW in `grad`; with `stochastic` the
+// (bf16) parameter is stored with stochastic rounding (kernels/multi_tensor.py's stochastic_bf16,
+// seeded by the tensor's row and the step the prologue writes to scal); with `error` (1 int8, 2
+// int16) the bf16 parameter and the error term at tmeta's T_ERR stand for a compressed master
+// (fusedopt/master.h), read as b + e * s(b) and stored as its bf16 rounding and the new error
+// term. Kernels exist for the buckets fusedopt_cuda_bucket_supported accepts. `stream` is a
+// cudaStream_t.
 //
 // GradScaler and clipping (each pointer null when absent): grad_scale and found_inf are
 // torch.amp.GradScaler's float32 scalars. A step with *found_inf != 0 changes nothing (every

@@ -1,11 +1,11 @@
 // What the fused multi-tensor CUDA kernels share: typed loads and stores (vector packs or single
 // elements), the buckets (the dtypes of parameter, grads and state; fp32 masters, stochastic
-// rounding) and their dispatch, the parameter's store, the chunk loop, GradScaler's skipped steps
-// and in-kernel unscaling, and the prologue's kernels (the scalar math is in
-// fusedopt/step_math.h, the per-element arithmetic in fusedopt/element_math.h, each optimizer's
-// in fusedopt/optim/: shared with the CPU kernels). Torch-free: CUDA's headers and fusedopt/*.h
-// only. Compiled with -fmad=false (element_math.h says why), never --use_fast_math (which would
-// also flush denormals to zero).
+// rounding, compressed masters) and their dispatch, the parameter's load and store, the chunk
+// loop, GradScaler's skipped steps and in-kernel unscaling, and the prologue's kernels (the scalar
+// math is in fusedopt/step_math.h, the per-element arithmetic in fusedopt/element_math.h, each
+// optimizer's in fusedopt/optim/: shared with the CPU kernels). Torch-free: CUDA's headers and
+// fusedopt/*.h only. Compiled with -fmad=false (element_math.h says why), never --use_fast_math
+// (which would also flush denormals to zero).
 #pragma once
 
 #include <cstdint>
@@ -19,6 +19,7 @@
 
 #include "fusedopt/layout.h"
 #include "fusedopt/element_math.h"
+#include "fusedopt/master.h"
 #include "fusedopt/step_math.h"
 
 namespace fusedopt {
@@ -155,31 +156,40 @@ constexpr int dtype_code<uint8_t>() {  // 8-bit state: codes (update_kernels.cuh
   return DTYPE_UINT8;
 }
 
-// layout.h's bucket code (fusedopt/_layout.py's bucket_code).
-constexpr int bucket_code(int param, int grad, int state, bool shadow, bool stochastic) {
+// layout.h's bucket code (fusedopt/_layout.py's bucket_code); error_bits: a compressed master's
+// error term, 8 (code 1) or 16 (code 2), 0 without.
+constexpr int bucket_code(int param, int grad, int state, bool shadow, bool stochastic,
+                          int error_bits = 0) {
   return param | grad << BUCKET_GRAD_SHIFT | state << BUCKET_STATE_SHIFT |
          static_cast<int>(shadow) << BUCKET_SHADOW_BIT |
-         static_cast<int>(stochastic) << BUCKET_STOCHASTIC_BIT;
+         static_cast<int>(stochastic) << BUCKET_STOCHASTIC_BIT |
+         (error_bits / 8) << BUCKET_ERROR_SHIFT;
 }
 
 // One bucket as types (fusedopt.optimizer.Bucket): the updated parameter P (the fp32 master when
 // there is one), the grads G, the state S. A master (P != G: a grad always has its model
 // parameter's dtype) is rounded into the model's parameter, the shadow (tmeta's T_SHADOW, of
-// type G); STOCHASTIC: the (bf16) parameter is stored with stochastic rounding.
+// type G); STOCHASTIC: the (bf16) parameter is stored with stochastic rounding; ERR (8 or 16): a
+// compressed master (fusedopt/master.h), the bf16 parameter plus an error term of type Error
+// (int8 / int16, tmeta's T_ERR) stands for the fp32 master the update reads and writes.
 // kVec: elements per thread and step of the vector path, one 128-bit access of the narrowest type
 // (8 for a bucket with any 16-bit array), so every array moves 16 bytes per access; an fp32 array
 // beside bf16 ones takes two. Sized by the widest type instead, a bf16 array beside fp32 ones
 // moved 8 bytes per access, for 8 to 20 fewer registers (ptxas, sm_90: 38-66 now, no spills;
-// benchmarks/results/kernel_report_*).
-template <typename P, typename G, typename S, bool STOCHASTIC = false>
+// benchmarks/results/kernel_report_*). The error term does not count: an int8 one would make kVec
+// 16, 64 bytes of each fp32 state slot per thread and access; it moves kVec * sizeof(Error)
+// bytes, 8 (int8) or 16 (int16), beside the bf16 arrays' 16.
+template <typename P, typename G, typename S, bool STOCHASTIC = false, int ERR = 0>
 struct Bucket {
   using Param = P;
   using Grad = G;
   using State = S;
+  using Error = std::conditional_t<ERR == 16, int16_t, int8_t>;  // (kError only)
   static constexpr bool kShadow = !std::is_same<P, G>::value;
   static constexpr bool kStochastic = STOCHASTIC;
+  static constexpr int kError = ERR;  // the error term's bits, 0: no compressed master
   static constexpr int kCode = bucket_code(dtype_code<P>(), dtype_code<G>(), dtype_code<S>(),
-                                           kShadow, STOCHASTIC);
+                                           kShadow, STOCHASTIC, ERR);
   static constexpr size_t kNarrowest = sizeof(P) < sizeof(G)
                                            ? (sizeof(P) < sizeof(S) ? sizeof(P) : sizeof(S))
                                            : (sizeof(G) < sizeof(S) ? sizeof(G) : sizeof(S));
@@ -187,6 +197,9 @@ struct Bucket {
   static_assert(!STOCHASTIC || std::is_same<P, __nv_bfloat16>::value,
                 "stochastic rounding stores bf16 parameters");
   static_assert(!kShadow || std::is_same<P, float>::value, "a master is fp32");
+  static_assert(ERR == 0 || ERR == 8 || ERR == 16, "an int8 or int16 error term");
+  static_assert(ERR == 0 || (std::is_same<P, __nv_bfloat16>::value && !kShadow && !STOCHASTIC),
+                "a compressed master's error term: bf16 parameters, no shadow, no SR");
 };
 
 using f32 = float;
@@ -201,7 +214,10 @@ using SupportedBuckets = std::tuple<
     Bucket<bf16, bf16, bf16, true>, Bucket<bf16, bf16, f32, true>,           // stochastic
     // 8-bit state (csrc/cpu/multi_tensor.h's U8 buckets, the same four)
     Bucket<f32, f32, uint8_t>, Bucket<f32, bf16, uint8_t>, Bucket<bf16, bf16, uint8_t>,
-    Bucket<bf16, bf16, uint8_t, true>>;
+    Bucket<bf16, bf16, uint8_t, true>,
+    // compressed masters, int8 / int16 error term (the CPU's, the same four)
+    Bucket<bf16, bf16, f32, false, 8>, Bucket<bf16, bf16, f32, false, 16>,
+    Bucket<bf16, bf16, uint8_t, false, 8>, Bucket<bf16, bf16, uint8_t, false, 16>>;
 
 template <typename... B>
 constexpr bool distinct_codes(std::tuple<B...>*) {
@@ -247,15 +263,24 @@ __device__ __forceinline__ __nv_bfloat16 stochastic_bf16(float x, uint32_t offse
   return __ushort_as_bfloat16(static_cast<unsigned short>((__float_as_uint(x) + noise) >> 16));
 }
 
-// Where the updated parameter goes (kernels/multi_tensor.py's store_param): p, rounded to nearest
-// even or (kStochastic) stochastically; with a master (kShadow), the model's parameter too,
-// rounded to nearest even.
+// The parameter an update reads and where the updated one goes (kernels/multi_tensor.py's
+// load_param / store_param): p, rounded to nearest even or (kStochastic) stochastically; with a
+// master (kShadow), the model's parameter too, rounded to nearest even; with a compressed master
+// (kError), the master b + e * s(b) that the bf16 p and the error term err stand for is read, and
+// the new one is stored as its bf16 rounding to nearest even and the error term of that rounding
+// (master.h's rebuild and error; b is the rounding as stored, not read back). master::error's
+// division by the power of two s(b) stays a division: two multiplies by powers of two instead
+// (kernels/multi_tensor.py's master_error; exact too) were no better on the whole (ptxas, most
+// registers of a kernel: SGD's at sm_90 62 against 46, Adam's 8-bit int8 at sm_90 118 against
+// 113, but Adam's at sm_80 64 against 71), and neither spills.
 template <typename B>
 struct ParamOut {
   using P = typename B::Param;
   using G = typename B::Grad;
+  using E = typename B::Error;
   P* p;
   G* shadow;      // kShadow only
+  E* err;         // kError only
   uint32_t seed;  // kStochastic only
 
   // row: the tensor's row t of tmeta; seed_step: its scal[t][Opt::kSeed].
@@ -264,13 +289,29 @@ struct ParamOut {
     ParamOut out;
     out.p = ptr_at<P>(row[T_PARAM]);
     out.shadow = B::kShadow ? ptr_at<G>(row[T_SHADOW]) : nullptr;
+    out.err = B::kError != 0 ? ptr_at<E>(row[T_ERR]) : nullptr;
     out.seed = B::kStochastic ? stochastic_seed(t, *seed_step) : 0u;
     return out;
   }
 
   template <int N>
   __device__ __forceinline__ bool aligned() const {
-    return aligned_for<N, P>(p) && (!B::kShadow || aligned_for<N, G>(shadow));
+    return aligned_for<N, P>(p) && (!B::kShadow || aligned_for<N, G>(shadow)) &&
+           (B::kError == 0 || aligned_for<N, E>(err));
+  }
+
+  // rp: the N parameter elements [i, i + N), as float32 (a compressed master rebuilt).
+  template <int N>
+  __device__ __forceinline__ void load(int64_t i, float (&rp)[N]) const {
+    cuda::load(p + i, rp);
+    if constexpr (B::kError != 0) {
+      E e[N];
+      load_raw(err + i, e);
+#pragma unroll
+      for (int k = 0; k < N; ++k) {
+        rp[k] = master::rebuild<B::kError>(rp[k], static_cast<float>(e[k]));
+      }
+    }
   }
 
   // rp: the N updated elements [i, i + N).
@@ -282,6 +323,16 @@ struct ParamOut {
 #pragma unroll
       for (int k = 0; k < N; ++k) elems[k] = stochastic_bf16(rp[k], offset + k, seed);
       store_raw(p + i, elems);
+    } else if constexpr (B::kError != 0) {
+      __nv_bfloat16 b[N];
+      E e[N];
+#pragma unroll
+      for (int k = 0; k < N; ++k) {
+        b[k] = from_float<__nv_bfloat16>(rp[k]);
+        e[k] = static_cast<E>(static_cast<int>(master::error<B::kError>(rp[k], to_float(b[k]))));
+      }
+      store_raw(p + i, b);
+      store_raw(err + i, e);
     } else {
       store(p + i, rp);
     }

@@ -4,13 +4,13 @@
 //
 // One kernel per (optimizer, bucket, set of state slots in use, GradScaler's unscaling): the
 // bucket (multi_tensor.cuh's Bucket: the dtypes of parameter, grads and state; a shadow when the
-// parameter is an fp32 master; stochastic rounding) sets the types and the vector width; an
-// option that uses a state slot (Adam's amsgrad, RMSprop's momentum and centered, SGD's
-// momentum) is compiled in only when some tensor of the call has that slot; every other option
-// (maximize, weight decay, Nesterov, SGD's first update) is a runtime value per tensor, so groups
-// that differ in them share one launch. Skipped steps (found_inf) and the clip coefficient are
-// runtime values too (multi_tensor.cuh's step_skipped, GradIn). The math runs in float32
-// whatever the dtypes.
+// parameter is an fp32 master; stochastic rounding; a compressed master's error term) sets the
+// types and the vector width; an option that uses a state slot (Adam's amsgrad, RMSprop's
+// momentum and centered, SGD's momentum) is compiled in only when some tensor of the call has
+// that slot; every other option (maximize, weight decay, Nesterov, SGD's first update) is a
+// runtime value per tensor, so groups that differ in them share one launch. Skipped steps
+// (found_inf) and the clip coefficient are runtime values too (multi_tensor.cuh's step_skipped,
+// GradIn). The math runs in float32 whatever the dtypes.
 #pragma once
 
 #include <type_traits>
@@ -43,7 +43,7 @@ struct VectorIo {
   const Arrays<B, HAS_SCALE>& a;
   int64_t i;
 
-  __device__ __forceinline__ void param(float (&x)[N]) const { cuda::load(a.out.p + i, x); }
+  __device__ __forceinline__ void param(float (&x)[N]) const { a.out.load(i, x); }
   __device__ __forceinline__ void grad(float (&x)[N]) const {
     cuda::load(a.g + i, x);
     a.grad_in.apply(a.g + i, x);
@@ -143,7 +143,7 @@ struct QuantIo {
   QuantShared& shared;
   int e;
 
-  __device__ __forceinline__ void param(float (&x)[N]) const { cuda::load(out.p + i, x); }
+  __device__ __forceinline__ void param(float (&x)[N]) const { out.load(i, x); }
   __device__ __forceinline__ void grad(float (&x)[N]) const {
     cuda::load(g + i, x);
     grad_in.apply(g + i, x);

@@ -152,19 +152,22 @@ class NativeBackend:
         self.library = library
 
     def supports(self, bucket):
-        """The (param, grad, state dtypes, shadow, stochastic) combinations csrc/ has kernels
-        for (csrc/cuda/multi_tensor.cuh's SupportedBuckets, the CPU dispatch likewise)."""
+        """The (param, grad, state dtypes, shadow, stochastic, error term) combinations csrc/ has
+        kernels for (csrc/cuda/multi_tensor.cuh's SupportedBuckets, the CPU dispatch likewise)."""
         if bucket.error:
-            return self.name == "cpu" and L.bucket_code(bucket) in COMPRESSED_MASTER_BUCKETS
+            return L.bucket_code(bucket) in COMPRESSED_MASTER_BUCKETS
         if bucket.eight_bit:
             return L.bucket_code(bucket) in EIGHT_BIT_BUCKETS
         return L.bucket_code(bucket) in NATIVE_BUCKETS
 
     def auto_supports(self, bucket):
         """Whether ``backend="auto"`` may pick this backend for ``bucket``: the CUDA kernels for
-        8-bit state compile (tests/test_cuda_compile.py) but have not yet run on a GPU, so they
-        run only when asked for by name (backend="cuda"); "auto" takes Triton's for them."""
-        return self.supports(bucket) and not (self.name == "cuda" and bucket.eight_bit)
+        8-bit state and for compressed masters compile (tests/test_cuda_compile.py) but have not
+        yet run on a GPU, so they run only when asked for by name (backend="cuda"); "auto" takes
+        Triton's for them."""
+        return self.supports(bucket) and not (
+            self.name == "cuda" and (bucket.eight_bit or bucket.error)
+        )
 
     def unavailable(self, device):
         if device.type != self.name:
@@ -227,7 +230,8 @@ def op_lists(work):
 
 
 # Compressed masters (an int8 or int16 error term beside bf16 parameters; csrc/cpu/
-# multi_tensor.h's with_bucket), with fp32 or 8-bit state: the CPU kernels only, so far.
+# multi_tensor.h's with_bucket, csrc/cuda/multi_tensor.cuh's SupportedBuckets), with fp32 or 8-bit
+# state, on CPU and CUDA (NativeBackend.auto_supports: not yet by "auto" on CUDA).
 COMPRESSED_MASTER_BUCKETS = frozenset(
     L.bucket_code(Bucket(torch.bfloat16, torch.bfloat16, state, False, False, bits))
     for state in (torch.float32, torch.uint8)

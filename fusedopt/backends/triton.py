@@ -37,7 +37,7 @@ class TritonBackend:
         return self._kernels
 
     def supports(self, bucket):
-        return not (bucket.eight_bit or bucket.error)  # (compressed masters: not yet)
+        return True
 
     def unavailable(self, device):
         err = _import_error()
