@@ -115,7 +115,14 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def bytes_per_param(
-    optimizer, dtype, amsgrad=False, momentum=False, centered=False, state_dtype=None, master=False
+    optimizer,
+    dtype,
+    amsgrad=False,
+    momentum=False,
+    centered=False,
+    state_dtype=None,
+    master=False,
+    error_bits=0,
 ):
     """Bytes one fused pass moves per parameter: every input read once, every output written once.
 
@@ -128,7 +135,10 @@ def bytes_per_param(
     (fp32 params, bf16 moments: 20 B); with an fp32 ``master``, p is read and written in fp32 and
     the parameter written once more in its own dtype (bf16 params, fp32 master and moments: 28 B).
     8-bit state (``state_dtype=torch.uint8``, fusedopt/quant8.py): a byte per element plus a
-    float32 absmax per 256 (fp32 params, 8-bit moments: 16 + 4 * 4/256 = 16.0625 B).
+    float32 absmax per 256 (fp32 params, 8-bit moments: 16 + 4 * 4/256 = 16.0625 B). A compressed
+    master (``error_bits`` 8 or 16, fusedopt/_master.py) reads and writes its error term beside
+    the parameter (bf16 params, int16 error, fp32 moments: 26 B; int8 error, 8-bit moments:
+    12.06 B).
     """
     size = torch.empty((), dtype=dtype).element_size()
     if state_dtype == torch.uint8:
@@ -136,6 +146,7 @@ def bytes_per_param(
     else:
         state = torch.empty((), dtype=state_dtype or dtype).element_size()
     p_read, p_write = (4, 4 + size) if master else (size, size)
+    p_read, p_write = p_read + error_bits // 8, p_write + error_bits // 8
     train_step = optimizer.startswith("train-step")
     if optimizer.startswith("adam") or train_step:
         states = 2 + (1 if amsgrad else 0)
@@ -207,6 +218,10 @@ PRECISIONS = {
     # fp32 params, 8-bit moments; bitsandbytes' and torchao's 8-bit optimizers run beside it
     # where installed (_eight_bit_providers)
     "8bit-state": ({"state_dtype": torch.uint8}, torch.float32),
+    # compressed masters (fusedopt/_master.py): bf16 params and an int16 error term, fp32
+    # moments; FlashOptim's set-up, an int8 error term and 8-bit moments
+    "master-int16": ({"master_weights": "int16"}, torch.bfloat16),
+    "master-int8-8bit": ({"master_weights": "int8", "state_dtype": torch.uint8}, torch.bfloat16),
 }
 
 
@@ -432,7 +447,8 @@ def run_case(
         optimizer,
         dtype,
         state_dtype=options.get("state_dtype"),
-        master=options.get("master_weights", False),
+        master=options.get("master_weights") is True,
+        error_bits={"int8": 8, "int16": 16}.get(options.get("master_weights"), 0),
     )
     # Inputs rotate among enough parameter sets that the working set exceeds twice the last-level
     # cache: a small preset does not get to run from cache.
@@ -660,7 +676,9 @@ def parse_args(argv):
         help="fusedopt's low-precision modes (repeatable): bf16-state (fp32 params, bf16 moments),"
         " master (bf16 params, fp32 master and moments), stochastic (bf16 params, stochastic "
         "rounding), 8bit-state (fp32 params, 8-bit moments, beside bitsandbytes' and torchao's "
-        "8-bit optimizers where installed); torch's providers run the same parameters in their "
+        "8-bit optimizers where installed), master-int16 (bf16 params, int16 error term, fp32 "
+        "moments), master-int8-8bit (bf16 params, int8 error term, 8-bit moments); torch's "
+        "providers run the same parameters in their "
         "own dtype. Default: plain",
     )
     ap.add_argument(

@@ -32,6 +32,9 @@ from fusedopt import bench
         # 8-bit moments: a byte per element, and a float32 absmax per 256 read and written
         ("adamw", torch.float32, {"state_dtype": torch.uint8}, 16 + 2 * 2 * 4 / 256),
         ("sgd-momentum", torch.float32, {"state_dtype": torch.uint8}, 14 + 2 * 4 / 256),
+        # compressed masters: the bf16 parameter and its error term read and written
+        ("adamw", torch.bfloat16, {"state_dtype": torch.float32, "error_bits": 16}, 26),
+        ("adamw", torch.bfloat16, {"state_dtype": torch.uint8, "error_bits": 8}, 12 + 4 / 64),
     ],
 )
 def test_bytes_per_param(optimizer, dtype, flags, expected):
