@@ -203,7 +203,7 @@ def _loaded_state(st, name, p, dtype):
     if value.dtype == torch.uint8 and scale in st:
         absmax = st.pop(scale).to(device=p.device, dtype=torch.float32, copy=True)
         codes = value.to(p.device)
-        if dtype == torch.uint8 and codes.stride() == _local(p).stride():
+        if dtype == torch.uint8 and _local(codes).stride() == _local(p).stride():
             st[name], st[scale] = codes.clone(memory_format=torch.preserve_format), absmax
             return
         value = quant8.dequantize_state(codes, absmax, name)
@@ -425,17 +425,28 @@ class FusedOptimizer(torch.optim.Optimizer):
                 if n not in st:
                     continue
                 scale = n.endswith(quant8.ABSMAX)
-                shape = (quant8.n_blocks(p.numel()),) if scale else tuple(p.shape)
+                shape = quant8.absmax_shape(p) if scale else tuple(p.shape)
                 if not isinstance(st[n], torch.Tensor) or tuple(st[n].shape) != shape:
                     got = tuple(st[n].shape) if isinstance(st[n], torch.Tensor) else type(st[n])
                     raise ValueError(
                         f"fusedopt.{name}: state '{n}' of parameter {key} has shape {got}; "
                         + (
                             f"8-bit absmaxes of a parameter of {p.numel()} elements are {shape}"
+                            + (f" (sharded as {p.placements})" if isinstance(p, DTensor) else "")
                             if scale
                             else f"the parameter {tuple(p.shape)}"
                         )
                     )
+                if (
+                    n != _master.STATE_KEY
+                    and n != "master_param"
+                    and (st[n].dtype == torch.uint8 or scale)
+                ):
+                    why = quant8.sharding_of(n, st[n], p)
+                    if why:
+                        raise ValueError(
+                            f"fusedopt.{name}: 8-bit state '{n}' of parameter {key} is {why}"
+                        )
             error = st.get(_master.STATE_KEY)
             if error is not None and error.dtype not in _master.ERROR_DTYPES.values():
                 raise ValueError(
@@ -639,12 +650,6 @@ class FusedOptimizer(torch.optim.Optimizer):
                         "error of bf16 parameters; this one is "
                         f"{p.dtype} (shape {tuple(p.shape)}). Use master_weights=True for it."
                     )
-                if group["state_dtype"] == torch.uint8 and isinstance(p, DTensor):
-                    raise NotImplementedError(
-                        f"fusedopt.{name}: state_dtype=torch.uint8 does not support DTensor "
-                        "(FSDP2) parameters yet: their 8-bit blocks would follow each rank's "
-                        "shard. Use state_dtype=torch.bfloat16, or DDP."
-                    )
                 # a bucket depends on nothing else: one per group, dtype and (8-bit) size class
                 key = (gi, p.dtype, _state_dtype(group, p) == torch.uint8)
                 bucket = memo.get(key) or memo.setdefault(key, _bucket_of(p, group))
@@ -711,8 +716,10 @@ class FusedOptimizer(torch.optim.Optimizer):
                 if needed:
                     _ensure_state(st, name, p, bucket.state)
                 states.append(st[name] if needed else None)
-                absmax.append(st[quant8.absmax_name(name)] if needed and bucket.eight_bit else None)
             lp = _local(p)
+            for name, needed in zip(self._state_names, needs):
+                scale = st[quant8.absmax_name(name)] if needed and bucket.eight_bit else None
+                absmax.append(None if scale is None else quant8.local_absmax(scale, lp.numel()))
             target, shadow = lp, None
             if bucket.shadow:
                 if "master_param" not in st:
@@ -730,6 +737,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 work.grad_copies.append((g, copy))  # unscaled write-back: copied back after
                 g = copy
             states = tuple(None if t is None else _local(t) for t in states)
+            error = None if error is None else _local(error)
             slot = Slot(gi, target, g, step, states, bucket, shadow, p, error=error)
             if bucket.eight_bit:
                 slot.absmax = tuple(absmax)

@@ -114,12 +114,118 @@ def state_bytes(numel, block=BLOCK):
 # stored as ``state[name]``, uint8 codes with the parameter's shape and strides, and
 # ``state[name + ABSMAX]``, float32 [n_blocks(numel)]. The blocks run over the parameter's
 # elements in memory order (a channels_last parameter's too), as the fused kernels walk them.
+#
+# A DTensor parameter (FSDP2, HSDP, tensor parallel) keeps its state as DTensors, as torch.optim
+# does, so that torch.distributed.checkpoint saves and loads every rank's part. The codes have
+# the parameter's mesh and placements. The blocks run over each rank's local shard: a rank's state
+# is exactly the 8-bit state a plain parameter equal to its shard would have, and a block never
+# spans two ranks (no communication). The absmaxes are a DTensor of global shape
+# [shards, per_rank] (absmax_shape), sharded along dim 0 over each mesh dim the parameter is
+# sharded over (replicated over the others): each rank holds one row, per_rank = the blocks of the
+# largest local shard (torch.chunk's first), its own blocks first and zeros after. A checkpoint
+# of another sharding has another [shards, per_rank], which load_state_dict and
+# torch.distributed.checkpoint refuse; to_torch_state_dict's float32 states reshard like torch's.
 
 ABSMAX = "_absmax"
 
 
 def absmax_name(state_name):
     return state_name + ABSMAX
+
+
+def _dtensor():
+    from torch.distributed.tensor import DTensor  # noqa: PLC0415 - only for DTensor parameters
+
+    return DTensor
+
+
+def is_dtensor(t):
+    return isinstance(t, _dtensor())
+
+
+def _sharding(like):
+    """(shards, per_rank, placements) of the absmaxes of a DTensor parameter ``like``."""
+    from torch.distributed.tensor import Replicate, Shard  # noqa: PLC0415
+
+    shape, shards, placements = list(like.shape), 1, []
+    for mesh_dim, placement in enumerate(like.placements):
+        if placement.is_shard():
+            n = like.device_mesh.size(mesh_dim)
+            dim = placement.dim if placement.dim >= 0 else placement.dim + len(shape)
+            shape[dim] = -(-shape[dim] // n)  # torch.chunk: the first pieces are the largest
+            shards *= n
+            placements.append(Shard(0))
+        elif placement.is_replicate():
+            placements.append(Replicate())
+        else:
+            raise ValueError(
+                f"fusedopt: an 8-bit state needs a parameter sharded or replicated on each mesh "
+                f"dimension; this one is {like.placements}"
+            )
+    largest = 1
+    for size in shape:
+        largest *= size
+    return shards, n_blocks(largest), placements
+
+
+def absmax_shape(like):
+    """The shape of the absmaxes of an 8-bit state of parameter ``like``: (n_blocks(numel),),
+    or (shards, per_rank) for a DTensor (see above)."""
+    if is_dtensor(like):
+        shards, per_rank, _ = _sharding(like)
+        return (shards, per_rank)
+    return (n_blocks(like.numel()),)
+
+
+def sharding_of(name, value, like):
+    """Why ``value``, the 8-bit state ``name`` (codes, or absmaxes if ``name`` ends in ABSMAX) of
+    parameter ``like``, is not laid out as ``like``'s sharding needs; None when it is."""
+    if not is_dtensor(like):
+        return "a DTensor, and its parameter is not" if is_dtensor(value) else None
+    want = _sharding(like)[2] if name.endswith(ABSMAX) else like.placements
+    if not is_dtensor(value):
+        return f"a plain tensor; a DTensor parameter's 8-bit state is a DTensor ({tuple(want)})"
+    if tuple(value.placements) != tuple(want) or value.device_mesh != like.device_mesh:
+        return (
+            f"sharded as {value.placements} on {value.device_mesh}, not {tuple(want)} on "
+            f"{like.device_mesh}"
+        )
+    return None
+
+
+def local_absmax(absmax, numel):
+    """The absmaxes of the local blocks of an 8-bit state of ``numel`` local elements: a 1-d
+    view (of a DTensor's local row) that the kernels read and write."""
+    if is_dtensor(absmax):
+        return absmax.to_local().reshape(-1)[: n_blocks(numel)]
+    return absmax
+
+
+def _wrap_absmax(local_blocks, like):
+    """A DTensor parameter's absmaxes from this rank's blocks (padded with zeros)."""
+    shards, per_rank, placements = _sharding(like)
+    row = local_blocks.new_zeros((1, per_rank))
+    row[0, : local_blocks.numel()] = local_blocks
+    return _dtensor().from_local(
+        row,
+        like.device_mesh,
+        placements,
+        run_check=False,
+        shape=(shards, per_rank),
+        stride=(per_rank, 1),
+    )
+
+
+def _wrap_like(local, like):
+    """``local`` (this rank's part) as a DTensor with ``like``'s mesh, placements and shape."""
+    return _dtensor().from_local(
+        local,
+        like.device_mesh,
+        like.placements,
+        run_check=False,
+        shape=like.shape,
+        stride=like.stride(),
+    )
 
 
 def storage_flat(t):
@@ -135,6 +241,9 @@ def zero_code(state_name):
 
 def empty_state(like, state_name):
     """A zero 8-bit state for a parameter ``like``: (codes, absmax)."""
+    if is_dtensor(like):
+        codes, absmax = empty_state(like.to_local(), state_name)
+        return _wrap_like(codes, like), _wrap_absmax(absmax, like)
     codes = torch.full_like(
         like, zero_code(state_name), dtype=torch.uint8, memory_format=torch.preserve_format
     )
@@ -145,6 +254,15 @@ def empty_state(like, state_name):
 def quantize_state(value, like, state_name):
     """(codes, absmax) of the float tensor ``value`` (``like``'s shape) as ``like``'s 8-bit
     state ``state_name``: the codes in ``like``'s layout, the blocks in its memory order."""
+    if is_dtensor(like):
+        if not is_dtensor(value) or value.placements != like.placements:
+            raise ValueError(
+                f"fusedopt: the state {state_name!r} of a DTensor parameter ({like.placements}) "
+                "must be a DTensor with its placements to be quantized; got "
+                + (f"{value.placements}" if is_dtensor(value) else "a plain tensor")
+            )
+        codes, absmax = quantize_state(value.to_local(), like.to_local(), state_name)
+        return _wrap_like(codes, like), _wrap_absmax(absmax, like)
     codes, _ = empty_state(like, state_name)
     laid = torch.empty_like(like, dtype=torch.float32, memory_format=torch.preserve_format)
     laid.copy_(value)
@@ -155,6 +273,10 @@ def quantize_state(value, like, state_name):
 
 def dequantize_state(codes, absmax, state_name):
     """The float32 values (``codes``' shape and layout) of an 8-bit state."""
+    if is_dtensor(codes):
+        local = codes.to_local()
+        values = dequantize_state(local, local_absmax(absmax, local.numel()), state_name)
+        return _wrap_like(values, codes)
     out = torch.empty_like(codes, dtype=torch.float32, memory_format=torch.preserve_format)
     values = dequantize_blockwise(storage_flat(codes), absmax, map_for(state_name, codes.device))
     storage_flat(out).copy_(values)
