@@ -260,6 +260,38 @@ def _eight_bit_providers(base, device):
     return out
 
 
+def _leaves(t):
+    """A tensor's plain tensors: a subclass (torchao's 8-bit state, a DTensor) by its inner tensors
+    (``__tensor_flatten__``), so that what it stores is counted, not the dtype it shows."""
+    if type(t) is not torch.Tensor and hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return [leaf for n in names for leaf in _leaves(getattr(t, n))]
+    return [t]
+
+
+def state_bytes(opt):
+    """Bytes held by the tensors in ``opt.state`` (moments, codes, absmaxes, quantization maps,
+    master copies and error terms, step counters), each storage once (a map shared by every
+    tensor's state, as bitsandbytes' and torchao's are, counts once): the optimizer's memory as
+    measured, beside the bytes model."""
+    seen = {}
+    for st in opt.state.values():
+        for v in st.values():
+            if not isinstance(v, torch.Tensor):
+                continue
+            for leaf in _leaves(v):
+                storage = leaf.untyped_storage()
+                seen[(leaf.device, storage.data_ptr())] = storage.nbytes()
+    return sum(seen.values())
+
+
+def optimizer_of(step):
+    """The optimizer behind a provider's step function (a bound ``step``, or one that names it in
+    an ``optimizer`` attribute), or None."""
+    opt = getattr(step, "optimizer", None) or getattr(step, "__self__", None)
+    return opt if hasattr(opt, "state") else None
+
+
 def _factories(optimizer, device, dtype, names, compile_torch, precision="plain"):
     """provider name -> function(params) -> step function. ``names``: fusedopt backends."""
     scheduled = SCHEDULED.get(optimizer)
@@ -298,6 +330,7 @@ def _factories(optimizer, device, dtype, names, compile_torch, precision="plain"
                     opt.step()
                     sched.step()
 
+                step.optimizer = opt
                 return step
             return getattr(torch.optim, fcls)(params, lr=LR, **hyper, **kwargs).step
 
@@ -311,7 +344,9 @@ def _factories(optimizer, device, dtype, names, compile_torch, precision="plain"
             opt = getattr(torch.optim, fcls)(
                 params, lr=torch.tensor(LR, device=device), foreach=True, **hyper
             )
-            return torch.compile(opt.step, fullgraph=False)
+            step = torch.compile(opt.step, fullgraph=False)
+            step.optimizer = opt
+            return step
 
         out["torch compile"] = make_compiled
     if precision == "8bit-state" and not scheduled:
@@ -455,6 +490,7 @@ def run_case(
     copies = min(8, max(1, math.ceil(2 * _cache_bytes(device) / (n_params * bytes_each))))
     param_sets = [_make_params(shapes, dtype, device, seed) for seed in range(copies)]
     fns = {}
+    stored = {}  # provider -> optimizer state bytes per parameter, measured after a step
     factories = _factories(optimizer, device, dtype, names, compile_torch, precision)
     for label, make in factories.items():
         try:
@@ -463,6 +499,8 @@ def run_case(
         except Exception as e:  # noqa: BLE001 - a provider that cannot run this case is skipped
             print(f"  skipped {label}: {type(e).__name__}: {e}", file=sys.stderr)
             continue
+        opt = optimizer_of(steps[0])
+        stored[label] = state_bytes(opt) / n_params if opt is not None else None
         state = {"i": 0}
 
         def rotating(steps=steps, state=state):
@@ -489,6 +527,7 @@ def run_case(
                 "params": n_params,
                 "tensors": len(shapes),
                 "bytes_per_param": bytes_each,
+                "state_bytes_per_param": stored.get(provider),
                 "ms": seconds * 1e3,
                 "gb_s": bw / 1e9,
                 "copy_gb_s": bandwidth / 1e9,
@@ -564,6 +603,7 @@ COLUMNS = (
     "params",
     "tensors",
     "bytes_per_param",
+    "state_bytes_per_param",
     "ms",
     "gb_s",
     "copy_gb_s",
@@ -582,15 +622,19 @@ def markdown(rows, env):
     lines = [
         head,
         "",
-        "| preset | optimizer | dtype | provider | ms/step | GB/s | % of copy | vs torch best |",
-        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: |",
+        "| preset | optimizer | dtype | provider | ms/step | GB/s | % of copy | vs torch best "
+        "| B/param moved | state B/param |",
+        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         speedup = f"{r['speedup_vs_torch_best']:.2f}x" if r["speedup_vs_torch_best"] else "-"
         mode = "" if r.get("precision", "plain") == "plain" else f" ({r['precision']})"
+        stored = r.get("state_bytes_per_param")
+        stored = "-" if stored is None else f"{stored:.2f}"
         lines.append(
             f"| {r['preset']} | {r['optimizer']}{mode} | {r['dtype']} | {r['provider']} | "
-            f"{r['ms']:.3f} | {r['gb_s']:.1f} | {r['pct_copy']:.0f}% | {speedup} |"
+            f"{r['ms']:.3f} | {r['gb_s']:.1f} | {r['pct_copy']:.0f}% | {speedup} | "
+            f"{r['bytes_per_param']:.2f} | {stored} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -115,27 +115,22 @@ inline void update_run_8bit(typename K::PT* __restrict__ p, typename K::GT* __re
     }
     for (int k = 0; k < 3; ++k) {
       if (!((used >> k) & 1u)) continue;
-      // The block's absmax: 16 running maxima and NaN flags (q8::absmax_step's one running
-      // maximum is a loop-carried select the compilers keep scalar), a partial block padded
-      // with zeros.
+      // The block's absmax: the largest |x| as the largest of its bit patterns with the sign
+      // cleared (non-negative floats order as their bits; every NaN's pattern is above
+      // infinity's), a max the compilers vectorize (q8::absmax_step's loop-carried float select
+      // they keep scalar). A partial block is padded with zeros. Any NaN gives the quiet NaN.
       float* __restrict__ values = out[k];
       for (int i = n; i < QBLOCK; ++i) values[i] = 0.0f;
-      float lanes[16] = {};
-      int nan[16] = {};
-      for (int j = 0; j < QBLOCK; j += 16) {
-        for (int l = 0; l < 16; ++l) {
-          const float a = std::fabs(values[j + l]);
-          lanes[l] = a > lanes[l] ? a : lanes[l];
-          nan[l] |= a != a;
-        }
+      uint32_t top = 0;
+      for (int i = 0; i < QBLOCK; ++i) {
+        uint32_t bits;
+        std::memcpy(&bits, &values[i], 4);
+        bits &= 0x7FFFFFFFu;
+        top = bits > top ? bits : top;
       }
-      float m = 0.0f;
-      int any_nan = 0;
-      for (int l = 0; l < 16; ++l) {
-        m = lanes[l] > m ? lanes[l] : m;
-        any_nan |= nan[l];
-      }
-      if (any_nan) m = std::numeric_limits<float>::quiet_NaN();
+      float m;
+      std::memcpy(&m, &top, 4);
+      if (top > 0x7F800000u) m = std::numeric_limits<float>::quiet_NaN();
       absmax[k][block] = m;
       const float d = q8::divisor(m);
       // into a local array, then copied: stores through codes[k] could alias the map and the
