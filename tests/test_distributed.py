@@ -345,7 +345,9 @@ def test_fsdp2_matches_torch_and_checkpoints(backend, tmp_path):
     _spawn(_fsdp_worker, str(tmp_path / "init"), backend, str(tmp_path / "ckpt"))
 
 
-@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize(
+    "backend", ["cpu", "torch", pytest.param("triton", marks=pytest.mark.triton)]
+)
 def test_fsdp2_quantized_states_and_masters(backend, tmp_path):
     """8-bit states and compressed masters of FSDP2 parameters (SHARDED_CONFIGS)."""
     _need(backend)
