@@ -1,23 +1,25 @@
 // The nearest code of fusedopt/quant8.h, fast on the CPU. quant8.h's q8::nearest finds the
 // number of map values <= x by binary search, 8 dependent loads, then compares the distances to
-// the two neighbours: 10 loads at data-dependent addresses per element, which the compilers keep
-// scalar. Since the nearest code never decreases as x grows, it is the number of decision
-// boundaries <= x: B[j], the smallest float whose code is above j. Here a table indexed by x's
-// sign, exponent and top kMantBits mantissa bits gives the lowest code of that float interval,
-// and kSteps comparisons with the boundaries that follow it give the code: 1 + kSteps loads.
-// Both tables are built from q8::nearest itself (so the result is its, bit for bit, for every
-// float32 in [-1, 1] and NaN: tests/test_state8.py), and the build checks that no interval holds
-// more than kSteps boundaries. NaN gives code 0, as q8::nearest does. Normalized values leave
-// [-1, 1] only in a block holding a NaN (its absmax is NaN, the divisor 1): there every value
-// dequantizes to NaN whatever its code, and above 2^16 q8::nearest's float32 distances tie and
-// give 254 where this gives 255.
+// the two neighbours: 10 loads at data-dependent addresses per element. Since the nearest code
+// never decreases as x grows, it is the number of decision boundaries <= x: B[j], the smallest
+// float whose code is above j. Here x's sign, exponent and top kMantBits mantissa bits pick a
+// float interval, and no interval holds more than one boundary (the build checks it): one table
+// entry per interval gives its lowest code and the threshold on x's other kLowBits bits from
+// which the code is one more. One load and one integer comparison an element.
 //
-// Vectorized: the table holds int32 (gathers load 32-bit lanes; a uint8 table kept GCC 12's loop
+// The table is built from q8::nearest itself, so the result is its, bit for bit, for every
+// float32 in [-1, 1] and NaN (checked exhaustively, all 2^32 patterns over both maps, 0
+// differences, 2026-12-06; tests/test_state8.py checks every 7th). NaN gives code 0, as
+// q8::nearest does. Normalized values leave [-1, 1] only in a block holding a NaN (its absmax is
+// NaN, the divisor 1): there every value dequantizes to NaN whatever its code, and above 2^16
+// q8::nearest's float32 distances tie and give 254 where this gives 255.
+//
+// Vectorized: entries are int32 (gathers load 32-bit lanes; a uint8 table kept GCC 12's loop
 // scalar), exponents are clamped to the kRows rows that matter (magnitudes below 2^-30 share row
-// 0: the smallest code is above 2^-22, so none of them is past a boundary; above 1, reached only
-// beside a NaN in the block, where the divisor is 1, share the last row), and every select is
-// branch-free (a branch kept the loop scalar). Measured 2026-12-06, 2^24 normal values on one
-// core of the 2-core AMD EPYC: 2.57 ns an element before (scalar), 1.1-1.3 ns after.
+// 0: the smallest boundary is above 2^-24; above 1 share the last row), and every select is
+// branch-free. Measured 2026-12-06, 2^24 normal values on one core of the 2-core AMD EPYC
+// (AVX-512 clone): 2.57 ns an element with stage 28's uint8 table and two boundary loads (kept
+// scalar), 1.88 with it vectorized, 0.66 with this one load.
 #pragma once
 #include <algorithm>
 #include <cstdint>
@@ -27,25 +29,34 @@
 
 namespace fusedopt::cpu::q8fast {
 
-constexpr int kMantBits = 7;
-constexpr int kSteps = 2;
-constexpr int kRows = 32;               // biased exponents kLowExp..127 (clamped into)
+constexpr int kMantBits = 7;                // the table's mantissa bits; the other kLowBits of x
+constexpr int kLowBits = 23 - kMantBits;    // are compared with the interval's one threshold
+constexpr int kRows = 32;                   // biased exponents kLowExp..127 (clamped into)
 constexpr int kLowExp = 127 - (kRows - 1);  // row 0: every magnitude below 2^(kLowExp + 1 - 127)
 constexpr int kKeys = 2 * kRows << kMantBits;  // sign x row x mantissa top bits
+constexpr int32_t kNever = 1 << kLowBits;      // a threshold no low bits reach
 
 struct Tables {
-  int32_t first[kKeys];          // the lowest code of each float interval
-  float boundary[256 + kSteps];  // B[j]; past the last, +inf (never <= a finite x)
+  // per float interval: its lowest code (bits 0-7) and, above, the threshold on x's low bits
+  // (sign-folded: see nearest) from which the code is one more; kNever where the interval holds
+  // no boundary
+  int32_t entry[kKeys];
+  float boundary[256];  // B[j]; past the last, +inf
 };
 
-inline uint32_t key_of(float x) {
-  uint32_t bits;
-  std::memcpy(&bits, &x, 4);
+inline uint32_t key_of(uint32_t bits) {
   const int32_t exponent = static_cast<int32_t>((bits >> 23) & 0xFFu);
   const int32_t row = std::min(std::max(exponent - kLowExp, 0), kRows - 1);
-  const uint32_t mantissa = (bits >> (23 - kMantBits)) & ((1u << kMantBits) - 1u);
+  const uint32_t mantissa = (bits >> kLowBits) & ((1u << kMantBits) - 1u);
   return (bits >> 31) * static_cast<uint32_t>(kRows << kMantBits) |
          static_cast<uint32_t>(row) << kMantBits | mantissa;
+}
+
+// x's low bits, in the order of x's value inside its interval: reversed for a negative x, whose
+// value falls as its magnitude's bits rise
+inline int32_t low_bits(uint32_t bits) {
+  const uint32_t mask = (1u << kLowBits) - 1u;
+  return static_cast<int32_t>((bits & mask) ^ ((0u - (bits >> 31)) & mask));
 }
 
 // Floats in order as unsigned integers (for a binary search over the floats themselves).
@@ -65,7 +76,7 @@ inline Tables build(const float* map) {
   Tables t{};
   // B[j]: the smallest float in [-1, 1] whose code is > j (nearest codes never decrease in x)
   const uint32_t lo0 = ordered(-1.0f), hi0 = ordered(1.0f);
-  for (int j = 0; j < 256 + kSteps; ++j) {
+  for (int j = 0; j < 256; ++j) {
     t.boundary[j] = __builtin_inff();
     if (j >= 255 || q8::nearest(1.0f, map) <= j) continue;
     uint32_t lo = lo0, hi = hi0;  // code(hi) > j; find the first such
@@ -79,12 +90,12 @@ inline Tables build(const float* map) {
   for (uint32_t key = 0; key < static_cast<uint32_t>(kKeys); ++key) {
     const uint32_t sign = key / static_cast<uint32_t>(kRows << kMantBits);
     const uint32_t row = (key >> kMantBits) % kRows, mantissa = key & ((1u << kMantBits) - 1u);
-    const uint32_t body = (row + kLowExp) << 23 | mantissa << (23 - kMantBits);
+    const uint32_t body = (row + kLowExp) << 23 | mantissa << kLowBits;
     // the interval's smallest and largest magnitude: row 0 also holds every exponent below
     // kLowExp (any mantissa), so it spans [0, 2^(kLowExp + 1 - 127)); the last row, every
     // magnitude above 1 (clamped to 1 below, as the normalized values' range)
     const uint32_t lo_bits = row == 0 ? 0u : body;
-    const uint32_t hi_bits = row == 0 ? (kLowExp + 1u) << 23 : body | ((1u << (23 - kMantBits)) - 1u);
+    const uint32_t hi_bits = row == 0 ? (kLowExp + 1u) << 23 : body | ((1u << kLowBits) - 1u);
     float lo, hi;
     std::memcpy(&lo, &lo_bits, 4);
     std::memcpy(&hi, &hi_bits, 4);
@@ -92,8 +103,18 @@ inline Tables build(const float* map) {
     smallest = smallest < -1.0f ? -1.0f : (smallest > 1.0f ? 1.0f : smallest);
     largest = largest < -1.0f ? -1.0f : (largest > 1.0f ? 1.0f : largest);
     const int first = q8::nearest(smallest, map), last = q8::nearest(largest, map);
-    if (last - first > kSteps) __builtin_trap();  // the bound the steps rely on
-    t.first[key] = first;
+    int32_t threshold = kNever;
+    if (last - first == 1) {
+      // the one boundary B[first] lies in (smallest, largest]: in this interval's own bits
+      // (never in a clamped row's: the check below)
+      uint32_t b;
+      std::memcpy(&b, &t.boundary[first], 4);
+      if (key_of(b) != key || row == 0 || row == kRows - 1) __builtin_trap();
+      threshold = low_bits(b);
+    } else if (last != first) {
+      __builtin_trap();  // more than one boundary: the one comparison would not do
+    }
+    t.entry[key] = first | threshold << 8;
   }
   return t;
 }
@@ -104,13 +125,14 @@ inline const Tables& tables(bool is_signed) {
   return is_signed ? signed_tables : unsigned_tables;
 }
 
-// q8::nearest(x, map) for every float x, with `t` the tables of `map`. Branch-free: the loop
-// calling it vectorizes.
+// q8::nearest(x, map) for x in [-1, 1] or NaN, with `t` the tables of `map`: one table load and
+// one integer comparison, branch-free (the loop calling it vectorizes).
 inline uint8_t nearest(float x, const Tables& t) {
-  static_assert(kSteps == 2, "the steps below are written out (a loop kept GCC 12 scalar)");
-  const int c0 = t.first[key_of(x)];
-  const int code = c0 + (t.boundary[c0] <= x) + (t.boundary[c0 + 1] <= x);
-  return static_cast<uint8_t>(code & -static_cast<int>(x == x));  // NaN: 0
+  uint32_t bits;
+  std::memcpy(&bits, &x, 4);
+  const int32_t entry = t.entry[key_of(bits)];
+  const int32_t code = (entry & 0xFF) + static_cast<int32_t>(low_bits(bits) >= (entry >> 8));
+  return static_cast<uint8_t>(code & -static_cast<int32_t>(x == x));  // NaN: 0
 }
 
 }  // namespace fusedopt::cpu::q8fast
