@@ -728,6 +728,29 @@ def test_training_matches_fp32_adamw():
     assert abs(ours - fp32) <= abs(theirs - fp32) + 0.002 * fp32
 
 
+@pytest.mark.parametrize("backend,device", backend_device_params(("triton", "cpu", "cuda")))
+def test_non_finite_block_as_the_torch_backend(backend, device):
+    """A NaN and an infinity in a grad: the blocks holding them take a NaN absmax (any NaN gives
+    it: the cpu kernels' integer max over |x|'s bit patterns, where every NaN is above infinity,
+    Triton's the same, torch's amax), every other block is untouched by them, and all codes and
+    absmaxes are the torch backend's (a NaN absmax as a NaN)."""
+    need_backend(backend, device)
+    params = _params(shapes=[(5000,), (64, 128)])
+    grads = _grads(params, 3)
+    grads[1][0][5] = float("nan")  # block 0 of the first tensor
+    grads[1][1][3, 7 * 16] = float("inf")  # 3 * 128 + 112 = 496: block 1 of the second
+    ref, _ = _run(fusedopt.Adam, dict(lr=1e-3), params, grads, "torch")
+    opt, _ = _run(fusedopt.Adam, dict(lr=1e-3), params, grads, backend, device)
+    for k, (p, q) in enumerate(zip(opt.param_groups[0]["params"], ref.param_groups[0]["params"])):
+        for name in ("exp_avg", "exp_avg_sq"):
+            mine = opt.state[p][quant8.absmax_name(name)].cpu()
+            theirs = ref.state[q][quant8.absmax_name(name)]
+            torch.testing.assert_close(mine, theirs, rtol=0, atol=0, equal_nan=True)
+            assert torch.equal(opt.state[p][name].cpu(), ref.state[q][name]), (k, name)
+            bad = {0} if k == 0 else {1}
+            assert {int(b) for b in torch.nonzero(mine.isnan())} == bad, (k, name)
+
+
 def test_cpu_fast_nearest_is_the_shared_one(tmp_path):
     """csrc/cpu/quant8_cpu.h's table-driven nearest code (the CPU kernels') equals
     csrc/include/fusedopt/quant8.h's binary search (the CUDA kernels') for every float32 in

@@ -8,8 +8,8 @@
 // which the code is one more. One load and one integer comparison an element.
 //
 // The table is built from q8::nearest itself, so the result is its, bit for bit, for every
-// float32 in [-1, 1] and NaN (checked exhaustively, all 2^32 patterns over both maps, 0
-// differences, 2026-12-06; tests/test_state8.py checks every 7th). NaN gives code 0, as
+// float32 in [-1, 1] and NaN (checked exhaustively: every such bit pattern, 4,294,967,296 over
+// both maps, 0 differences, 2026-12-06; tests/test_state8.py checks every 7th). NaN gives code 0, as
 // q8::nearest does. Normalized values leave [-1, 1] only in a block holding a NaN (its absmax is
 // NaN, the divisor 1): there every value dequantizes to NaN whatever its code, and above 2^16
 // q8::nearest's float32 distances tie and give 254 where this gives 255.
@@ -18,7 +18,7 @@
 // scalar), exponents are clamped to the kRows rows that matter (magnitudes below 2^-30 share row
 // 0: the smallest boundary is above 2^-24; above 1 share the last row), and every select is
 // branch-free. Measured 2026-12-06, 2^24 normal values on one core of the 2-core AMD EPYC
-// (AVX-512 clone): 2.57 ns an element with stage 28's uint8 table and two boundary loads (kept
+// (AVX-512 clone): 2.57 ns an element with stop 28's uint8 table and two boundary loads (kept
 // scalar), 1.88 with it vectorized, 0.66 with this one load.
 #pragma once
 #include <algorithm>
