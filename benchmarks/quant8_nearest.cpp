@@ -1,6 +1,6 @@
 // csrc/cpu/quant8_cpu.h's nearest code against csrc/include/fusedopt/quant8.h's q8::nearest (the
 // CUDA kernels' binary search): every float32 bit pattern in [-1, 1] and every NaN, both maps
-// ("check"), and the time per element of each on 2^24 normal values, the table's in the loop
+// ("check"; "check K": every K-th bit pattern, as tests/test_state8.py runs it), and the time per element of each on 2^24 normal values, the table's in the loop
 // shape of csrc/cpu/update_loops.h (a 256-element block into a local array) ("time").
 //
 //   g++ -O3 -fno-math-errno -ffp-contract=off -march=x86-64-v4 -I csrc/include -I csrc \
@@ -8,6 +8,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <random>
 #include <vector>
@@ -31,11 +32,15 @@ __attribute__((noinline)) void search_block(const float* __restrict v, uint8_t* 
 int main(int argc, char** argv) {
   for (int a = 1; a < argc; ++a) {
     if (std::strcmp(argv[a], "check") == 0) {
+      unsigned long long stride = 1;
+      if (a + 1 < argc && argv[a + 1][0] >= '0' && argv[a + 1][0] <= '9') {
+        stride = std::strtoull(argv[++a], nullptr, 10);
+      }
       long long n = 0, bad = 0;
       for (int is_signed = 0; is_signed < 2; ++is_signed) {
         const float* map = is_signed ? q8::kSignedMap : q8::kUnsignedMap;
         const auto& t = cpu::q8fast::tables(is_signed);
-        for (unsigned long long b = 0; b <= 0xFFFFFFFFull; ++b) {
+        for (unsigned long long b = 0; b <= 0xFFFFFFFFull; b += stride) {
           const unsigned bits = static_cast<unsigned>(b);
           float x;
           std::memcpy(&x, &bits, 4);
